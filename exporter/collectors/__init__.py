@@ -1,0 +1,1 @@
+"""One module per family of metrics: each renders a snapshot into metric families."""

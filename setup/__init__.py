@@ -1,0 +1,1 @@
+"""kvmnet: lab provisioning for KVM/QEMU bridge networking (installed as kvmnet.setup)."""

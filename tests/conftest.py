@@ -1,0 +1,57 @@
+"""Shared fixtures. Namespaces are uniquely named per test run and removed even when a test fails."""
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import subprocess
+
+import pytest
+
+_RUN = secrets.token_hex(2)
+_counter = itertools.count()
+
+
+def unique_name(prefix: str = "kt") -> str:
+    """A name unique to this test run, short enough for a device name (15 chars) too."""
+    return f"{prefix}{_RUN}{next(_counter)}"[:15]
+
+
+def delete_netns(name: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def netns_factory():
+    """Call it to get a fresh namespace name (created, loopback up); all are deleted afterwards."""
+    made: list[str] = []
+
+    def make(prefix: str = "kt") -> str:
+        name = unique_name(prefix)
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        made.append(name)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        return name
+
+    yield make
+    for name in reversed(made):
+        delete_netns(name)
+
+
+@pytest.fixture
+def netns(netns_factory) -> str:
+    return netns_factory()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root for network namespaces")
+        for item in items:
+            if any(m in item.keywords for m in ("netns", "qemu", "prometheus")):
+                item.add_marker(skip)

@@ -1,0 +1,29 @@
+"""The independent witness: what iproute2 says about the kernel. MUST NOT import anything from kvmnet."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+
+def _json(*argv: str) -> list:
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def links(netns: str) -> dict[str, dict]:
+    """`ip -s -s -j link` by device name (stats64, flags, master, linkinfo)."""
+    return {l["ifname"]: l for l in _json("ip", "-n", netns, "-s", "-s", "-d", "-j", "link", "show")}
+
+
+def fdb(netns: str) -> list[dict]:
+    """`bridge -j fdb show` entries."""
+    return _json("bridge", "-n", netns, "-j", "fdb", "show")
+
+
+def bridge_ports(netns: str) -> dict[str, dict]:
+    """`bridge -j link` by port name (master, state)."""
+    return {p["ifname"]: p for p in _json("bridge", "-n", netns, "-j", "link", "show")}
+
+
+def run(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", netns, *argv], check=check, capture_output=True, text=True)
