@@ -1,0 +1,631 @@
+"""Bridges, bridge ports, their counters and FDB sizes from rtnetlink, decoded with `struct`.
+
+    src = NetlinkSource("lab-host")
+    snap = src.snapshot()              # BridgeSnapshot: bridges -> ports, counters, carrier, STP, FDB counts
+    src.learned_macs_by_port()         # {"vm1eth0": ["0a:e8:4f:c5:6a:16"]}: the prober's target discovery
+    src.neighbours()                   # [Neighbour(device, address, mac, state)] from the IPv4/IPv6 neighbour table
+
+Why this shape. Measured on this 2-core machine, one namespace with 1000 taps on a bridge and 4000 static FDB
+entries (7005 entries in the AF_BRIDGE neighbour dump, most of them the kernel's own per-device multicast "self"
+entries), receive-and-walk-headers only, p50 of 20 runs:
+
+    RTM_GETLINK dump, AF_UNSPEC          6.8 ms  (1.9 MB)      + ~12 ms to decode the attributes we need
+    RTM_GETNEIGH dump, AF_BRIDGE        20.6 ms  (7006 msgs)   + ~15 ms to decode
+    RTM_GETSTATS, IFLA_STATS_LINK_64     0.3 ms  (230 kB)      + ~2 ms to decode
+
+  A full dump per scrape costs ~55 ms: already most of node_exporter's 71 ms, before rendering. So topology (links,
+  flags, carrier_changes, STP state) and the FDB are dumped once and then kept current from netlink events
+  (RTNLGRP_LINK, RTNLGRP_NEIGH) drained at the start of each snapshot; per scrape only the counters are dumped, with
+  RTM_GETSTATS. The event socket has a large receive buffer; if the kernel still drops events (ENOBUFS) we resync
+  with full dumps, and we resync anyway every `resync_interval` seconds as a bound on any staleness. Events lag the
+  kernel by linkwatch's batching (up to ~1 s for carrier flips), which is below any scrape interval.
+
+  pyroute2's socket layer was measured with a trivial `parser=` (NetlinkRequest): 11.7 ms for the link dump and
+  61 ms for the FDB dump against 6.8 and 20.6 ms for a plain socket (an asyncio queue hop and a dict header per
+  message). Worse for us, pyroute2 0.9 keeps its socket per thread: the same IPRoute used from another thread (our
+  collectors run in a thread pool) silently opened a new socket in that thread's namespace and dumped the root
+  namespace's links. So this module uses plain AF_NETLINK sockets opened inside the namespace with
+  `netns.socket_in()`, and small struct decoders for exactly the attributes it reports.
+
+Namespaces: sockets pin the namespace they were made in, even after `ip netns del`. Each snapshot therefore checks
+that /run/netns/NAME still exists and is the same namespace (inode); if it is gone it raises NetnsGone and closes
+the sockets, if it was recreated the sockets are reopened and everything resynced.
+
+Constants come from the kernel UAPI headers:
+https://github.com/torvalds/linux/blob/master/include/uapi/linux/{netlink,rtnetlink,if_link,neighbour,if_bridge}.h
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+from . import netns as _netns
+from .netns import NetnsGone
+
+__all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "Port", "Counters", "FdbCounts", "Link", "Neighbour",
+           "NetnsGone", "STP_STATES", "source_for", "fdb_learned", "neighbours"]
+
+# <linux/netlink.h>
+NETLINK_ROUTE = 0
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x300
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
+NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
+# <linux/rtnetlink.h>
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_NEWSTATS, RTM_GETSTATS = 92, 94
+RTNLGRP_LINK, RTNLGRP_NEIGH = 1, 3
+RTEXT_FILTER_SKIP_STATS = 1 << 3  # counters come from RTM_GETSTATS instead
+# <linux/if_link.h>
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 10, 12, 18
+IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 29, 35
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_BR_STP_STATE = 5
+IFLA_BRPORT_STATE = 1
+IFLA_TUN_TYPE = 3
+IFLA_STATS_LINK_64 = 1
+# <linux/if_tun.h>
+IFF_TUN, IFF_TAP = 0x1, 0x2
+# <linux/if.h>
+IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
+# <linux/neighbour.h>
+NDA_DST, NDA_LLADDR, NDA_VLAN, NDA_MASTER = 1, 2, 5, 9
+NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
+# <linux/socket.h>
+AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
+
+# <linux/if_bridge.h> BR_STATE_*: the index is the kernel's value.
+STP_STATES = ("disabled", "listening", "learning", "forwarding", "blocking")
+FDB_TYPES = ("local", "static", "learned")
+LOCAL, STATIC, LEARNED = 0, 1, 2
+
+_HDR = struct.Struct("=IHHII")         # nlmsghdr
+_IFI = struct.Struct("=BxHiII")        # ifinfomsg
+_NDM = struct.Struct("=BxxxiHBB")      # ndmsg
+_STATS_HDR = struct.Struct("=BxxxII")  # if_stats_msg
+_NLA = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_U16 = struct.Struct("=H")
+_STATS8 = struct.Struct("=8Q")         # the first 8 fields of rtnl_link_stats64
+
+
+class Counters(NamedTuple):
+    """The first eight fields of struct rtnl_link_stats64, in the kernel's order."""
+    rx_packets: int = 0
+    tx_packets: int = 0
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_errors: int = 0
+    tx_errors: int = 0
+    rx_dropped: int = 0
+    tx_dropped: int = 0
+
+
+@dataclass(slots=True)
+class Link:
+    """One RTM_NEWLINK, reduced to what we report."""
+    index: int
+    name: str
+    kind: str                    # IFLA_INFO_KIND; "tap"/"tun" for tun devices; "physical" when the driver has none
+    master: int = 0
+    mac: str = ""
+    flags: int = 0
+    carrier_changes: int = 0
+    stp_state: int | None = None  # bridge ports: IFLA_BRPORT_STATE
+    stp_enabled: bool | None = None  # bridges: IFLA_BR_STP_STATE != 0
+
+
+@dataclass(slots=True)
+class FdbCounts:
+    local: int = 0    # NUD_PERMANENT: the ports' and bridge's own addresses
+    static: int = 0   # NUD_NOARP: added by an operator
+    learned: int = 0  # dynamic
+
+    def as_tuple(self) -> tuple[int, int, int]:
+        return (self.local, self.static, self.learned)
+
+
+@dataclass(slots=True)
+class Port:
+    index: int
+    name: str
+    kind: str
+    mac: str
+    flags: int
+    carrier_changes: int
+    stp_state: int
+    stats: Counters
+    fdb: FdbCounts | None = None
+
+    @property
+    def up(self) -> bool:
+        return bool(self.flags & IFF_LOWER_UP)
+
+
+@dataclass(slots=True)
+class Bridge:
+    index: int
+    name: str
+    mac: str
+    flags: int
+    carrier_changes: int
+    stp_enabled: bool
+    stats: Counters
+    ports: list[Port] = field(default_factory=list)
+    fdb: FdbCounts | None = None  # every entry of this bridge, including those on the bridge device itself
+
+    @property
+    def up(self) -> bool:
+        return bool(self.flags & IFF_LOWER_UP)
+
+
+@dataclass(slots=True)
+class BridgeSnapshot:
+    netns: str
+    bridges: list[Bridge]  # sorted by name; ports sorted by name
+
+
+class FdbEntry(NamedTuple):
+    ifindex: int   # the port, or the bridge itself for entries without a port
+    master: int    # the bridge
+    mac: str
+    vlan: int
+    type: int      # LOCAL, STATIC or LEARNED
+
+
+class Neighbour(NamedTuple):
+    device: str
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    mac: str
+    state: int     # NUD_* bits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure decoders: bytes in, plain values out (tested on recorded dumps in tests/unit/test_netlink_parse.py).
+
+def iter_messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, seq, offset, end) of each netlink message in a receive buffer."""
+    off, n = 0, len(data)
+    unpack = _HDR.unpack_from
+    while off + 16 <= n:
+        length, typ, flags, seq, _pid = unpack(data, off)
+        if length < 16 or off + length > n:
+            break
+        yield typ, flags, seq, off, off + length
+        off += (length + 3) & ~3
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """Top-level attributes as {type: (payload_start, payload_end)}."""
+    out = {}
+    unpack = _NLA.unpack_from
+    while off + 4 <= end:
+        alen, atype = unpack(data, off)
+        if alen < 4:
+            break
+        out[atype & NLA_TYPE_MASK] = (off + 4, off + alen)
+        off += (alen + 3) & ~3
+    return out
+
+
+def _mac(data: bytes, a: tuple[int, int] | None) -> str:
+    if a is None:
+        return ""
+    return data[a[0]:a[1]].hex(":")
+
+
+def _cstr(data: bytes, a: tuple[int, int]) -> str:
+    # Device names are bytes to the kernel; surrogateescape keeps odd ones lossless.
+    return data[a[0]:a[1]].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def parse_link(data: bytes, off: int, end: int) -> Link | None:
+    """An RTM_NEWLINK (AF_UNSPEC) message."""
+    _family, _type, index, flags, _change = _IFI.unpack_from(data, off + 16)
+    at = _attrs(data, off + 32, end)
+    name = at.get(IFLA_IFNAME)
+    if name is None:
+        return None
+    link = Link(index=index, name=_cstr(data, name), kind="physical", flags=flags, mac=_mac(data, at.get(IFLA_ADDRESS)))
+    if (a := at.get(IFLA_MASTER)) is not None:
+        link.master = _U32.unpack_from(data, a[0])[0]
+    if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
+        link.carrier_changes = _U32.unpack_from(data, a[0])[0]
+    if (a := at.get(IFLA_LINKINFO)) is not None:
+        info = _attrs(data, a[0], a[1])
+        if (k := info.get(IFLA_INFO_KIND)) is not None:
+            link.kind = _cstr(data, k)
+        d = info.get(IFLA_INFO_DATA)
+        if d is not None and link.kind == "bridge":
+            br = _attrs(data, d[0], d[1])
+            if (s := br.get(IFLA_BR_STP_STATE)) is not None:
+                link.stp_enabled = _U32.unpack_from(data, s[0])[0] != 0
+        elif d is not None and link.kind == "tun":
+            tun = _attrs(data, d[0], d[1])
+            if (t := tun.get(IFLA_TUN_TYPE)) is not None:
+                link.kind = "tap" if data[t[0]] == IFF_TAP else "tun"
+        sk, sd = info.get(IFLA_INFO_SLAVE_KIND), info.get(IFLA_INFO_SLAVE_DATA)
+        if sk is not None and sd is not None and _cstr(data, sk) == "bridge":
+            port = _attrs(data, sd[0], sd[1])
+            if (s := port.get(IFLA_BRPORT_STATE)) is not None:
+                link.stp_state = data[s[0]]
+    return link
+
+
+def parse_bridge_protinfo(data: bytes, off: int, end: int) -> tuple[int, int | None]:
+    """An AF_BRIDGE RTM_NEWLINK (what the bridge sends on STP state changes): (ifindex, port state or None)."""
+    _family, _type, index, _flags, _change = _IFI.unpack_from(data, off + 16)
+    at = _attrs(data, off + 32, end)
+    p = at.get(IFLA_PROTINFO)
+    if p is None:
+        return index, None
+    s = _attrs(data, p[0], p[1]).get(IFLA_BRPORT_STATE)
+    return index, (data[s[0]] if s is not None else None)
+
+
+def parse_stats(data: bytes, off: int, end: int) -> tuple[int, Counters] | None:
+    """An RTM_NEWSTATS message with IFLA_STATS_LINK_64."""
+    _family, index, _mask = _STATS_HDR.unpack_from(data, off + 16)
+    a = off + 28
+    while a + 4 <= end:
+        alen, atype = _NLA.unpack_from(data, a)
+        if alen < 4:
+            break
+        if atype == IFLA_STATS_LINK_64 and alen >= 4 + 64:
+            return index, Counters._make(_STATS8.unpack_from(data, a + 4))
+        a += (alen + 3) & ~3
+    return None
+
+
+def fdb_type(state: int) -> int:
+    # The bridge reports BR_FDB_LOCAL as NUD_PERMANENT, BR_FDB_STATIC as NUD_NOARP, the rest as REACHABLE/STALE
+    # (net/bridge/br_fdb.c, fdb_fill_info).
+    if state & NUD_PERMANENT:
+        return LOCAL
+    if state & NUD_NOARP:
+        return STATIC
+    return LEARNED
+
+
+def parse_fdb(data: bytes, off: int, end: int) -> FdbEntry | None:
+    """An AF_BRIDGE RTM_NEWNEIGH/DELNEIGH. Only the bridge's own entries (NDA_MASTER) count; the per-device
+    "self" entries (unicast/multicast address lists, ndo_dflt_fdb_dump) have no master and give None."""
+    family, ifindex, state, _flags, _type = _NDM.unpack_from(data, off + 16)
+    if family != AF_BRIDGE:
+        return None
+    at = _attrs(data, off + 28, end)
+    m = at.get(NDA_MASTER)
+    if m is None:
+        return None
+    v = at.get(NDA_VLAN)
+    return FdbEntry(ifindex, _U32.unpack_from(data, m[0])[0], _mac(data, at.get(NDA_LLADDR)),
+                    _U16.unpack_from(data, v[0])[0] if v is not None else 0, fdb_type(state))
+
+
+def parse_neigh(data: bytes, off: int, end: int) -> tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address,
+                                                              str, int] | None:
+    """An AF_INET/AF_INET6 RTM_NEWNEIGH with both an address and a MAC: (ifindex, address, mac, state)."""
+    family, ifindex, state, _flags, _type = _NDM.unpack_from(data, off + 16)
+    if family not in (AF_INET, AF_INET6):
+        return None
+    at = _attrs(data, off + 28, end)
+    dst, ll = at.get(NDA_DST), at.get(NDA_LLADDR)
+    if dst is None or ll is None or ll[1] - ll[0] != 6:
+        return None
+    return ifindex, ipaddress.ip_address(bytes(data[dst[0]:dst[1]])), _mac(data, ll), state
+
+
+def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters] | None,
+                   fdb: dict[tuple[int, str, int], tuple[int, int]] | None) -> BridgeSnapshot:
+    """Join topology, counters and FDB into bridges and their ports. A device missing from `stats` vanished between
+    the dumps and is left out (it will be gone from the next topology too). `fdb` maps (master, mac, vlan) to
+    (ifindex, type); None when FDB sizes were not asked for."""
+    per_dev: dict[int, list[int]] = {}
+    per_br: dict[int, list[int]] = {}
+    if fdb is not None:
+        for (master, _mac_, _vlan), (ifindex, typ) in fdb.items():
+            per_dev.setdefault(ifindex, [0, 0, 0])[typ] += 1
+            per_br.setdefault(master, [0, 0, 0])[typ] += 1
+    empty = Counters()
+    bridges: dict[int, Bridge] = {}
+    for l in links.values():
+        if l.kind == "bridge":
+            st = stats.get(l.index) if stats is not None else empty
+            if st is None:
+                continue
+            bridges[l.index] = Bridge(l.index, l.name, l.mac, l.flags, l.carrier_changes, bool(l.stp_enabled), st,
+                                      fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None)
+    for l in links.values():
+        br = bridges.get(l.master) if l.master else None
+        if br is None:
+            continue
+        st = stats.get(l.index) if stats is not None else empty
+        if st is None:
+            continue
+        br.ports.append(Port(l.index, l.name, l.kind, l.mac, l.flags, l.carrier_changes, l.stp_state or 0, st,
+                             fdb=FdbCounts(*per_dev.get(l.index, (0, 0, 0))) if fdb is not None else None))
+    out = sorted(bridges.values(), key=lambda b: b.name)
+    for b in out:
+        b.ports.sort(key=lambda p: p.name)
+    return BridgeSnapshot(netns, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The live source.
+
+def _request(typ: int, seq: int, body: bytes) -> bytes:
+    return _HDR.pack(16 + len(body), typ, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+
+
+_LINK_REQ = _IFI.pack(AF_UNSPEC, 0, 0, 0, 0) + _NLA.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
+_STATS_REQ = _STATS_HDR.pack(AF_UNSPEC, 0, 1 << (IFLA_STATS_LINK_64 - 1))
+_FDB_REQ = _NDM.pack(AF_BRIDGE, 0, 0, 0, 0)
+_NEIGH_REQ = _NDM.pack(AF_UNSPEC, 0, 0, 0, 0)
+
+EVENT_RCVBUF = 8 << 20  # room for a burst of ~5000 link events between two scrapes before ENOBUFS forces a resync
+RECV_SIZE = 1 << 17     # kernel dump skbs are ~32 kB here; never truncate one
+
+
+class NetlinkSource:
+    """One watched namespace: a request socket and an event socket, opened inside it and kept across scrapes.
+    Thread-safe (one lock): collectors of the same namespace share one source (`source_for`)."""
+
+    def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0) -> None:
+        self.netns = netns
+        self.resync_interval = resync_interval
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._req: socket.socket | None = None
+        self._ev: socket.socket | None = None
+        self._ino = 0
+        self._seq = 0
+        self._links: dict[int, Link] = {}
+        self._fdb: dict[tuple[int, str, int], tuple[int, int]] | None = None  # None: FDB not tracked (yet)
+        self._synced_at = 0.0
+        self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
+
+    # -- public ---------------------------------------------------------------------------------------------
+    def snapshot(self, stats: bool = True, fdb: bool = True) -> BridgeSnapshot:
+        """Bridges and ports now. `stats=False` skips the counter dump (zeros); `fdb=False` leaves FDB counts None
+        and, if nobody ever asks for them, never subscribes to or dumps the FDB."""
+        with self._lock:
+            self._refresh(fdb)
+            counters = self._dump_stats() if stats else None
+            return build_snapshot(self.netns, self._links, counters, self._fdb if fdb else None)
+
+    def learned_macs_by_port(self) -> dict[str, list[str]]:
+        """Dynamic (learned) bridge FDB entries: {port device: sorted MACs}. From the event-maintained table, no dump."""
+        with self._lock:
+            self._refresh(True)
+            out: dict[str, set[str]] = {}
+            for (_master, mac, _vlan), (ifindex, typ) in self._fdb.items():
+                link = self._links.get(ifindex)
+                if typ == LEARNED and link is not None and link.kind != "bridge":
+                    out.setdefault(link.name, set()).add(mac)
+            return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def neighbours(self) -> list[Neighbour]:
+        """IPv4 and IPv6 neighbours that have a MAC, sorted; not FAILED/INCOMPLETE ones, and not the NOARP
+        multicast/broadcast mappings, which name no host. One small dump."""
+        with self._lock:
+            self._refresh(False)
+            out = []
+            for chunk in self._dump(RTM_GETNEIGH, _NEIGH_REQ):
+                for typ, _f, _s, off, end in iter_messages(chunk):
+                    if typ != RTM_NEWNEIGH:
+                        continue
+                    n = parse_neigh(chunk, off, end)
+                    if n is None or n[3] & (NUD_FAILED | NUD_INCOMPLETE | NUD_NOARP) or n[1].is_multicast:
+                        continue
+                    link = self._links.get(n[0])
+                    out.append(Neighbour(link.name if link else str(n[0]), n[1], n[2], n[3]))
+            out.sort(key=lambda n: (n.device, n.address.version, n.address))
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _close(self) -> None:
+        for s in (self._req, self._ev):
+            if s is not None:
+                s.close()
+        self._req = self._ev = None
+        self._links = {}
+        self._fdb = None
+
+    def _open(self) -> None:
+        self._close()
+        req = _netns.socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        ev = _netns.socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+        req.settimeout(self.timeout)
+        req.bind((0, 0))
+        try:
+            ev.setsockopt(socket.SOL_SOCKET, 33, EVENT_RCVBUF)  # SO_RCVBUFFORCE: root may exceed rmem_max
+        except OSError:
+            ev.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_RCVBUF)
+        ev.bind((0, 0))
+        ev.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_LINK)
+        ev.setblocking(False)
+        self._req, self._ev = req, ev
+        self._resync(want_fdb=False)
+
+    def _check_netns(self) -> None:
+        try:
+            ino = _netns.inode(self.netns)
+        except NetnsGone:
+            self._close()
+            self._ino = 0
+            raise
+        if ino != self._ino or self._req is None:
+            self._open()
+            self._ino = ino
+
+    def _refresh(self, want_fdb: bool) -> None:
+        self._check_netns()
+        if want_fdb and self._fdb is None:
+            self._ev.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEIGH)
+            self._resync(want_fdb=True)
+        elif time.monotonic() - self._synced_at > self.resync_interval:
+            self._resync(want_fdb=self._fdb is not None)
+        elif not self._drain_events():
+            self._resync(want_fdb=self._fdb is not None)
+
+    def _resync(self, want_fdb: bool) -> None:
+        """Full dumps. Events queued before now describe the past: drop them; those arriving during the dumps are
+        applied at the next drain, and being later than what the dump saw, they leave the newest state."""
+        self._drain_events(apply=False)
+        links: dict[int, Link] = {}
+        for chunk in self._dump(RTM_GETLINK, _LINK_REQ):
+            for typ, _f, _s, off, end in iter_messages(chunk):
+                if typ == RTM_NEWLINK:
+                    l = parse_link(chunk, off, end)
+                    if l is not None:
+                        links[l.index] = l
+        self._links = links
+        if want_fdb:
+            table: dict[tuple[int, str, int], tuple[int, int]] = {}
+            for chunk in self._dump(RTM_GETNEIGH, _FDB_REQ):
+                for typ, _f, _s, off, end in iter_messages(chunk):
+                    if typ == RTM_NEWNEIGH:
+                        e = parse_fdb(chunk, off, end)
+                        if e is not None:
+                            table[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
+            self._fdb = table
+        self._synced_at = time.monotonic()
+        self.resyncs += 1
+
+    def _drain_events(self, apply: bool = True) -> bool:
+        """Apply queued events. False if the kernel dropped some (ENOBUFS): the rest is read and dropped too, and
+        the caller resyncs."""
+        ev = self._ev
+        links, fdb = self._links, self._fdb
+        ok = True
+        while True:
+            try:
+                chunk = ev.recv(RECV_SIZE)
+            except BlockingIOError:
+                return ok
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                ok = apply = False
+                continue
+            if not apply:
+                continue
+            for typ, _f, _s, off, end in iter_messages(chunk):
+                if typ == RTM_NEWLINK or typ == RTM_DELLINK:
+                    family = chunk[off + 16]
+                    if family == AF_BRIDGE:
+                        # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify).
+                        if typ == RTM_NEWLINK:
+                            index, state = parse_bridge_protinfo(chunk, off, end)
+                            l = links.get(index)
+                            if l is not None and state is not None:
+                                l.stp_state = state
+                        continue
+                    l = parse_link(chunk, off, end)
+                    if l is None:
+                        continue
+                    if typ == RTM_DELLINK:
+                        links.pop(l.index, None)
+                    else:
+                        links[l.index] = l
+                elif fdb is not None and (typ == RTM_NEWNEIGH or typ == RTM_DELNEIGH):
+                    e = parse_fdb(chunk, off, end)
+                    if e is None:
+                        continue
+                    # Keyed by (bridge, mac, vlan): a learned MAC that moves to another port comes as one NEWNEIGH.
+                    if typ == RTM_NEWNEIGH:
+                        fdb[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
+                    else:
+                        fdb.pop((e.master, e.mac, e.vlan), None)
+
+    def _dump_stats(self) -> dict[int, Counters]:
+        out: dict[int, Counters] = {}
+        hdr, s8 = _STATS_HDR.unpack_from, _STATS8.unpack_from
+        make = Counters._make
+        for chunk in self._dump(RTM_GETSTATS, _STATS_REQ):
+            for typ, _f, _s, off, end in iter_messages(chunk):
+                if typ != RTM_NEWSTATS:
+                    continue
+                # Fast path for the layout we asked for: if_stats_msg, then one IFLA_STATS_LINK_64 attribute.
+                if end - off >= 28 + 4 + 64 and _NLA.unpack_from(chunk, off + 28)[1] == IFLA_STATS_LINK_64:
+                    out[hdr(chunk, off + 16)[1]] = make(s8(chunk, off + 32))
+                else:
+                    r = parse_stats(chunk, off, end)
+                    if r is not None:
+                        out[r[0]] = r[1]
+        return out
+
+    def _dump(self, typ: int, body: bytes, attempts: int = 3) -> list[bytes]:
+        """One dump's receive buffers, DONE and ERROR checked. An interrupted dump (the device list changed under
+        it: NLM_F_DUMP_INTR) is retried; the last attempt is used as is, since every message in it is whole."""
+        for attempt in range(attempts):
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            seq = self._seq
+            try:
+                self._req.send(_request(typ, seq, body))
+                chunks, intr = self._receive(seq)
+            except (socket.timeout, OSError):
+                self._close()  # the socket may hold a half-read dump; reopen on the next call
+                self._ino = 0
+                raise
+            if not intr or attempt == attempts - 1:
+                return chunks
+        return chunks
+
+    def _receive(self, seq: int) -> tuple[list[bytes], bool]:
+        chunks: list[bytes] = []
+        intr = False
+        while True:
+            data = self._req.recv(RECV_SIZE)
+            keep = False
+            for typ, flags, mseq, off, _end in iter_messages(data):
+                if mseq != seq:
+                    continue  # a leftover of an earlier request
+                keep = True
+                intr = intr or bool(flags & NLM_F_DUMP_INTR)
+                if typ == NLMSG_DONE:
+                    if keep:
+                        chunks.append(data)
+                    return chunks, intr
+                if typ == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, off + 16)[0]
+                    if err:
+                        raise OSError(err, f"netlink dump {self.netns!r}: {os.strerror(err)}")
+                    return chunks, intr
+            if keep:
+                chunks.append(data)
+
+
+_sources: dict[str, NetlinkSource] = {}
+_sources_lock = threading.Lock()
+
+
+def source_for(netns: str) -> NetlinkSource:
+    """The process-wide source of a namespace, so every collector and the prober share one pair of sockets."""
+    with _sources_lock:
+        src = _sources.get(netns)
+        if src is None:
+            src = _sources[netns] = NetlinkSource(netns)
+        return src
+
+
+def fdb_learned(netns: str) -> dict[str, list[str]]:
+    """{port device: learned MACs} in `netns` (DEVELOPING.md contract; the same as source.learned_macs_by_port())."""
+    return source_for(netns).learned_macs_by_port()
+
+
+def neighbours(netns: str) -> list[Neighbour]:
+    """IPv4/IPv6 neighbours with a MAC in `netns`."""
+    return source_for(netns).neighbours()
