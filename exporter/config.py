@@ -1,0 +1,162 @@
+"""The exporter's YAML config file: strict pydantic models, errors as one line naming the field.
+
+    netns: [lab-host]
+    probe:
+      interval: 1s
+      timeout: 1s
+      down_after: 3
+      discover: true
+      targets:
+        - {name: g0, address: 10.99.0.3, netns: lab-host}
+
+Unknown keys and wrong types are rejected (`probe.targets[3].address: not an IP address`). Durations are
+Prometheus-style strings (`1s`, `500ms`, `2m`, `1m30s`) and become float seconds.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A bad config file; `str()` is one line naming the field."""
+
+
+def parse_duration(value: Any) -> float:
+    """'1s' -> 1.0, '500ms' -> 0.5, '1m30s' -> 90.0. Bare numbers are refused: say the unit."""
+    if isinstance(value, bool) or not isinstance(value, str) or not _DURATION.match(value.strip()):
+        raise ValueError(f"not a duration (use 1s, 500ms, 2m): {value!r}")
+    return sum(float(n) * _UNITS[u] for n, u in _PART.findall(value.strip()))
+
+
+def _ip(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    try:
+        return ipaddress.ip_address(value if isinstance(value, str) else "")
+    except ValueError:
+        raise ValueError(f"not an IP address: {value!r}") from None
+
+
+def check_netns_name(value: str) -> str:
+    if not _NETNS_NAME.match(value) or value in (".", ".."):
+        raise ValueError(f"not a namespace name: {value!r}")
+    return value
+
+
+NetnsName = Annotated[str, AfterValidator(check_netns_name)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, BeforeValidator(_ip)]
+_STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Target(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1)
+    address: IPAddress
+    netns: str | None = None  # None: resolved by the exporter (see resolve_target_netns)
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, v: str | None) -> str | None:
+        return v if v in (None, "") else check_netns_name(v)
+
+
+class ProbeConfig(BaseModel):
+    model_config = _STRICT
+    interval: Duration = 1.0
+    timeout: Duration = 1.0
+    down_after: int = Field(default=3, ge=1)
+    discover: bool = True
+    targets: list[Target] = []
+
+    @field_validator("interval", "timeout")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be more than 0")
+        return v
+
+
+class Config(BaseModel):
+    model_config = _STRICT
+    netns: list[NetnsName] = []
+    probe: ProbeConfig = ProbeConfig()
+
+    @field_validator("netns")
+    @classmethod
+    def _dedupe(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind.endswith("_type") or kind == "model_type":
+        msg = re.sub(r" or instance of \w+", "", msg)
+        msg = f"{msg[:1].lower()}{msg[1:]}, got {type(err.get('input')).__name__}"
+        return msg.replace("got NoneType", "got nothing")
+    return msg[:1].lower() + msg[1:]
+
+
+def from_dict(data: Any) -> Config:
+    """Validate already-parsed YAML; raise ConfigError naming the first bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"(top level): must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        raise ConfigError(f"{_where(loc)}: {_message(err)}") from None
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file. Every problem is a ConfigError with one line naming the field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    return from_dict(data)
+
+
+def resolve_target_netns(target: Target, watched: list[str]) -> str:
+    """Where to ping a target from: its own `netns`, else the one watched namespace, else the exporter's own."""
+    if target.netns is not None:
+        return target.netns
+    named = [n for n in dict.fromkeys(watched) if n]
+    return named[0] if len(named) == 1 else ""

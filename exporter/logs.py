@@ -1,0 +1,93 @@
+"""Logging: `ts=... level=info event=NAME key=value` (logfmt), or one JSON object per line.
+
+Modules log either with `event(log, "name", key=value)`, which quotes values properly, or with a plain
+`log.info("event=name key=%s", value)` message; both formats read the message as logfmt, so JSON output gets
+the same keys. A message that is not logfmt becomes `msg="..."`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("logfmt", "json")
+_PAIR = re.compile(r"""\s*([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\S*)""")
+
+
+def quote(value: object) -> str:
+    """A logfmt value: bare when it is one plain word, else double-quoted with escapes."""
+    s = str(value)
+    if s and not any(c in s for c in ' ="\\\n\t') and s.isprintable():
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def fmt(name: str, **fields: object) -> str:
+    return " ".join([f"event={quote(name)}", *(f"{k}={quote(v)}" for k, v in fields.items())])
+
+
+def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: object) -> None:
+    """Log one event: `event(log, "listening", address=":9848")`."""
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", fmt(name, **fields))
+
+
+def parse_logfmt(text: str) -> dict[str, str] | None:
+    """The key=value pairs of a message, or None if it is not logfmt all the way through."""
+    out: dict[str, str] = {}
+    pos = 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _PAIR.match(text, pos)
+        if not m or m.end() == pos:
+            return None
+        v = m.group(2)
+        if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
+            v = re.sub(r"\\(.)", lambda x: "\n" if x.group(1) == "n" else x.group(1), v[1:-1])
+        out[m.group(1)] = v
+        pos = m.end()
+    return out or None
+
+
+def _ts(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def _level(record: logging.LogRecord) -> str:
+    return {"WARNING": "warn", "CRITICAL": "error"}.get(record.levelname, record.levelname.lower())
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        body = msg if parse_logfmt(msg) is not None else f"msg={quote(msg)}"
+        line = f"ts={_ts(record)} level={_level(record)} logger={record.name} {body}"
+        if record.exc_info:
+            line += " exc=" + quote(self.formatException(record.exc_info))
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        obj: dict[str, object] = {"ts": _ts(record), "level": _level(record), "logger": record.name}
+        obj.update(parse_logfmt(msg) or {"msg": msg})
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
+def setup(level: str = "info", format: str = "logfmt", stream=None) -> None:
+    """Configure the root logger once (stderr by default). aiohttp's access log stays quiet below debug."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if format == "json" else LogfmtFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING if level != "debug" else logging.DEBUG)

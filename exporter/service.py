@@ -1,0 +1,225 @@
+"""What the exporter runs, built from flags + config file + lab file, and rebuilt on reload.
+
+`load(settings)` reads the files (raising ConfigError with one line naming the field); `Service` turns that into
+collectors, one set per watched namespace, and the prober's background work. A reload builds a new `Loaded`
+first; only if that succeeds does the service switch to it, so a bad reload keeps the old config serving.
+
+Collectors for a named namespace are created lazily and recreated when the namespace's identity (its nsfs
+inode) changes: a namespace deleted and created again under the same name is picked up with no restart, and a
+deleted one fails its collectors (`kvmnet_scrape_collector_success 0`) while the rest is served.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from . import logs
+from .config import Config, ConfigError, Target, load_config, resolve_target_netns
+from .exposition import MetricFamily
+from .sources import netns as nsmod
+
+log = logging.getLogger("kvmnet.service")
+
+# --collector.NAME flags. Each is on by default. "identity" adds guest names to the bridge collectors' info.
+COLLECTORS = ("bridge", "fdb", "probe", "identity")
+
+
+@dataclass
+class Settings:
+    """Everything the command line decides; the files it names are (re)read by `load()`."""
+    config_file: str | None = None
+    netns: list[str] = field(default_factory=list)
+    lab_file: str | None = None
+    enabled: dict[str, bool] = field(default_factory=lambda: {c: True for c in COLLECTORS})
+    include: re.Pattern | None = None
+    exclude: re.Pattern | None = None
+
+
+@dataclass
+class ProbeTarget:
+    """A resolved ping target: where to ping it from, and what it is called."""
+    name: str
+    address: Any  # ipaddress.IPv4Address | IPv6Address
+    netns: str
+    source: str  # "config" | "lab"
+    mac: str = ""
+    bridge: str = ""
+    device: str = ""
+
+
+@dataclass
+class Loaded:
+    config: Config
+    lab: Any  # kvmnet.setup.spec.Lab | None
+    watched: list[str]  # "" (own namespace) first, then named ones in order given
+    targets: list[ProbeTarget]
+
+
+def load_lab(path: str):
+    """The lab file via kvmnet.setup.spec; its LabError becomes a ConfigError (same one-line contract)."""
+    try:
+        spec = importlib.import_module("kvmnet.setup.spec")
+    except ImportError as exc:
+        raise ConfigError(f"--lab: lab files are not supported in this build ({exc})") from None
+    try:
+        return spec.load_lab(path)
+    except getattr(spec, "LabError", ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+
+
+def load(settings: Settings) -> Loaded:
+    config = load_config(settings.config_file) if settings.config_file else Config()
+    lab = load_lab(settings.lab_file) if settings.lab_file else None
+    named = list(settings.netns) + list(config.netns)
+    if lab is not None and getattr(lab, "host_netns", ""):
+        named.append(lab.host_netns)
+    watched = list(dict.fromkeys(["", *named]))
+    targets = [ProbeTarget(t.name, t.address, resolve_target_netns(t, named), "config")
+               for t in config.probe.targets]
+    if lab is not None:
+        seen = {t.name for t in targets}
+        for g in getattr(lab, "guests", []):
+            if g.name in seen or getattr(g, "address", None) is None:
+                continue
+            targets.append(ProbeTarget(g.name, g.address.ip, lab.host_netns or "", "lab",
+                                       mac=g.mac or "", bridge=g.bridge or "", device=g.device or ""))
+    return Loaded(config, lab, watched, targets)
+
+
+class Guarded:
+    """A collector bound to one named namespace, (re)created whenever that namespace's identity changes."""
+
+    def __init__(self, name: str, netns: str, make: Callable[[], Any]) -> None:
+        self.name = name
+        self.netns = netns
+        self._make = make
+        self._inner = None
+        self._ino = None
+
+    def collect(self) -> Iterable[MetricFamily]:
+        ino = nsmod.inode(self.netns)  # raises NetnsGone: this collector fails, the others go on
+        if self._inner is None or ino != self._ino:
+            if self._inner is not None:
+                logs.event(log, "netns_recreated", collector=self.name, netns=self.netns)
+            self.close()
+            self._inner = self._make()
+            self._ino = ino
+        return self._inner.collect()
+
+    def close(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None and hasattr(inner, "close"):
+            try:
+                inner.close()
+            except Exception as exc:  # noqa: BLE001 - closing a dead namespace's sockets must not break a scrape
+                logs.event(log, "collector_close_failed", logging.DEBUG, collector=self.name, error=exc)
+
+
+class Unguarded(Guarded):
+    """The exporter's own namespace: nothing to guard, but the same lazy creation."""
+
+    def collect(self) -> Iterable[MetricFamily]:
+        if self._inner is None:
+            self._inner = self._make()
+        return self._inner.collect()
+
+
+# A collector factory: (netns, service) -> collector object, or None when it has nothing to do there.
+Factory = Callable[[str, "Service"], Any]
+
+
+def _bridge_factories() -> dict[str, Factory]:
+    """The real collectors, from exporter/collectors/bridges.py (the netlink engineer's module)."""
+    try:
+        bridges = importlib.import_module("kvmnet.exporter.collectors.bridges")
+    except ImportError as exc:
+        logs.event(log, "collector_unavailable", logging.WARNING, collector="bridge", error=exc)
+        return {}
+
+    def opts(svc: "Service") -> dict:
+        return {"identity": svc.identity if svc.settings.enabled.get("identity", True) else None,
+                "include": svc.settings.include, "exclude": svc.settings.exclude}
+
+    out: dict[str, Factory] = {"bridge": lambda ns, svc: bridges.BridgeCollector(ns, **opts(svc))}
+    if hasattr(bridges, "FdbCollector"):
+        out["fdb"] = lambda ns, svc: bridges.FdbCollector(ns, **_fdb_opts(bridges.FdbCollector, opts(svc)))
+    return out
+
+
+def _fdb_opts(cls, opts: dict) -> dict:
+    import inspect
+    params = inspect.signature(cls).parameters
+    return {k: v for k, v in opts.items() if k in params}
+
+
+def default_factories() -> dict[str, Factory]:
+    return _bridge_factories()
+
+
+class Service:
+    """Collectors per watched namespace, the guest directory, and the prober; swapped whole on reload."""
+
+    def __init__(self, settings: Settings, loaded: Loaded, factories: dict[str, Factory] | None = None,
+                 prober: Any = None) -> None:
+        self.settings = settings
+        self.factories = default_factories() if factories is None else factories
+        self.prober = prober  # an object with async start(loaded), async stop(), reconfigure(loaded); optional
+        self.loaded = loaded
+        self.identity = self._make_identity(loaded)
+        self._pool: dict[tuple[str, str], Guarded] = {}
+        self.collectors: list = []
+        self._build()
+
+    def _make_identity(self, loaded: Loaded):
+        if not self.settings.enabled.get("identity", True):
+            return None
+        try:
+            identity = importlib.import_module("kvmnet.exporter.sources.identity")
+        except ImportError:
+            return None
+        return identity.GuestDirectory(lab=loaded.lab)
+
+    def _build(self) -> None:
+        pool: dict[tuple[str, str], Guarded] = {}
+        for ns in self.loaded.watched:
+            for name, make in self.factories.items():
+                if not self.settings.enabled.get(name, True):
+                    continue
+                key = (name, ns)
+                pool[key] = self._pool.pop(key, None) or (Guarded if ns else Unguarded)(
+                    name, ns, lambda make=make, ns=ns: make(ns, self))
+        for old in self._pool.values():
+            old.close()
+        self._pool = pool
+        extra = []
+        if self.prober is not None and hasattr(self.prober, "collectors"):
+            extra = list(self.prober.collectors())
+        self.collectors = list(pool.values()) + extra
+
+    def apply(self, loaded: Loaded) -> None:
+        """Switch to a freshly loaded config; collectors for namespaces still watched are kept."""
+        self.loaded = loaded
+        if self.identity is not None and hasattr(self.identity, "set_lab"):
+            self.identity.set_lab(loaded.lab)
+        else:
+            self.identity = self._make_identity(loaded)
+            for g in self._pool.values():  # their inner collectors hold the old directory
+                g.close()
+        if self.prober is not None and hasattr(self.prober, "reconfigure"):
+            self.prober.reconfigure(loaded)
+        self._build()
+
+    async def start(self) -> None:
+        if self.prober is not None and hasattr(self.prober, "start"):
+            await self.prober.start(self.loaded)
+
+    async def stop(self) -> None:
+        if self.prober is not None and hasattr(self.prober, "stop"):
+            await self.prober.stop()
+        for g in self._pool.values():
+            g.close()

@@ -1,0 +1,190 @@
+"""The HTTP side: /metrics, /, /healthz, POST /-/reload (and SIGHUP), and the prober's /probe.
+
+One scrape is in flight at a time: requests that arrive while it runs wait for it and get its result, so a flood
+of scrapes costs one scrape's work. The body is Prometheus text 0.0.4 (what Prometheus accepts whatever else it
+asks for), gzip-compressed when the client allows it. The exporter's own metrics (build info, reload status,
+process metrics) come from a private client_python registry, rendered with `generate_latest` and appended.
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import platform
+import signal
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from . import __version__, logs, scrape
+from .exposition import CONTENT_TYPE, render
+
+log = logging.getLogger("kvmnet.web")
+
+SERVICE_KEY = web.AppKey("service", Any)
+STATE_KEY = web.AppKey("state", Any)
+
+LANDING = """<!DOCTYPE html>
+<html><head><title>kvmnet exporter</title></head>
+<body><h1>kvmnet exporter</h1>
+<p>Prometheus metrics for Linux bridges, taps and the KVM/QEMU guests behind them.</p>
+<ul><li><a href="metrics">metrics</a></li><li><a href="healthz">healthz</a></li>{probe}</ul>
+<p>version {version}</p></body></html>
+"""
+
+
+class _BuildInfo:
+    def collect(self):
+        g = GaugeMetricFamily("kvmnet_build_info", "kvmnet's version and the Python it runs on; always 1.",
+                              labels=["version", "python"])
+        g.add_metric([__version__, platform.python_version()], 1)
+        yield g
+
+
+class _Result:
+    """One scrape's body, and its gzip form computed at most once, on demand."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self._gz: asyncio.Future | None = None
+
+    async def gzipped(self) -> bytes:
+        if self._gz is None:
+            self._gz = asyncio.ensure_future(asyncio.to_thread(gzip.compress, self.body, 1))
+        return await asyncio.shield(self._gz)
+
+
+class State:
+    """The web app's state: the service (swapped on reload), the self-metrics registry, the scrape in flight."""
+
+    def __init__(self, service, reload: Callable[[], Any] | None = None) -> None:
+        self.service = service
+        self.reloader = reload  # () -> Loaded (blocking; raises ConfigError) or None when there is nothing to reload
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_BuildInfo())
+        ProcessCollector(registry=self.registry)
+        self.reload_ok = Gauge("kvmnet_config_last_reload_successful",
+                               "Whether the last configuration reload attempt was successful.",
+                               registry=self.registry)
+        self.reload_ts = Gauge("kvmnet_config_last_reload_success_timestamp_seconds",
+                               "Timestamp of the last successful configuration reload.", registry=self.registry)
+        self.reload_ok.set(1)
+        self.reload_ts.set(time.time())
+        self._inflight: asyncio.Future | None = None
+        self._reload_lock = asyncio.Lock()
+
+    async def _scrape(self) -> _Result:
+        fams = await scrape.scrape(self.service.collectors)
+        return _Result(await asyncio.to_thread(lambda: render(fams) + generate_latest(self.registry)))
+
+    async def metrics(self) -> _Result:
+        """The current scrape's result; starts one if none is running."""
+        fut = self._inflight
+        if fut is None:
+            fut = self._inflight = asyncio.ensure_future(self._scrape())
+
+            def _done(f: asyncio.Future) -> None:
+                if self._inflight is f:
+                    self._inflight = None
+            fut.add_done_callback(_done)
+        return await asyncio.shield(fut)
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read config and lab; on error keep serving the old ones. Returns (ok, one-line message)."""
+        async with self._reload_lock:
+            if self.reloader is None:
+                return True, "nothing to reload"
+            try:
+                loaded = await asyncio.to_thread(self.reloader)
+                self.service.apply(loaded)
+            except Exception as exc:  # noqa: BLE001 - ConfigError is the expected case; anything else keeps serving too
+                self.reload_ok.set(0)
+                logs.event(log, "reload_failed", logging.ERROR, error=str(exc))
+                return False, str(exc)
+            self.reload_ok.set(1)
+            self.reload_ts.set(time.time())
+            logs.event(log, "reloaded", netns=",".join(n for n in loaded.watched if n) or "-",
+                       targets=len(loaded.targets))
+            return True, "reloaded"
+
+
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip`, `gzip;q=0.5`, `*`), honouring q=0."""
+    allowed = None
+    for part in header.split(","):
+        token, _, params = part.strip().partition(";")
+        token = token.strip().lower()
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        if token == "gzip":
+            return q > 0
+        if token == "*":
+            allowed = q > 0
+    return bool(allowed)
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    result = await request.app[STATE_KEY].metrics()
+    headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding"}
+    body = result.body
+    if accepts_gzip(request.headers.get("Accept-Encoding", "")):
+        body = await result.gzipped()
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
+async def handle_landing(request: web.Request) -> web.Response:
+    probe = '<li><a href="probe">probe</a></li>' if request.app.get(PROBE_KEY) else ""
+    return web.Response(text=LANDING.format(version=__version__, probe=probe), content_type="text/html")
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def handle_reload(request: web.Request) -> web.Response:
+    ok, msg = await request.app[STATE_KEY].reload()
+    return web.Response(status=200 if ok else 500, text=msg + "\n")
+
+
+PROBE_KEY = web.AppKey("probe_handler", Any)
+
+
+def create_app(service, reload: Callable[[], Any] | None = None, *, probe_handler=None,
+               middlewares: tuple = (), sighup: bool = False) -> web.Application:
+    """The aiohttp app. `reload` re-reads the files (blocking, raises on bad input); `probe_handler` serves /probe."""
+    app = web.Application(middlewares=list(middlewares), client_max_size=64 * 1024)
+    state = State(service, reload)
+    app[STATE_KEY] = state
+    app[SERVICE_KEY] = service
+    app[PROBE_KEY] = probe_handler
+    app.router.add_get("/", handle_landing)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/healthz", handle_health)
+    app.router.add_post("/-/reload", handle_reload)
+    if probe_handler is not None:
+        app.router.add_get("/probe", probe_handler)
+
+    async def startup(app: web.Application) -> None:
+        await service.start()
+        if sighup:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(state.reload()))
+
+    async def cleanup(app: web.Application) -> None:
+        if sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await service.stop()
+
+    app.on_startup.append(startup)
+    app.on_cleanup.append(cleanup)
+    return app
