@@ -1,0 +1,504 @@
+"""Carry out a plan with netlink (pyroute2), record what was created, undo it for `down` or a failed `up`.
+
+Speed matters for labs with hundreds of ports (bench/bench_setup.py): one IPRoute socket per namespace, kept for
+the whole run; namespaces are made in-process (unshare + bind mount, what `ip netns add` does) rather than by
+forking; taps are made with the TUNSETIFF ioctl directly, because pyroute2 forks a child per tap inside a netns.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import grp
+import os
+import pwd
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kvmnet.exporter.sources.netns import NETNS_RUN_DIR, _setns, entered
+
+from . import plan as planmod
+from .plan import LIGHT_DEV, NAT_TABLE, Action, Link, Observed
+from .spec import Lab
+from .state import State
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+MS_BIND, MS_REC, MS_SHARED = 4096, 16384, 1 << 20
+MNT_DETACH = 2
+IFF_UP = 1
+# <linux/if_tun.h>
+TUNSETIFF, TUNSETPERSIST, TUNSETOWNER, TUNSETGROUP = 0x400454CA, 0x400454CB, 0x400454CC, 0x400454CE
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
+
+
+class ApplyError(Exception):
+    """`up` failed part-way; str() says which action and why, and that the run was rolled back."""
+
+
+# --- namespaces -------------------------------------------------------------------------------------------------
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
+
+
+def netns_create(name: str) -> None:
+    """`ip netns add NAME` in-process: unshare this thread's network namespace, bind it, go back."""
+    os.makedirs(NETNS_RUN_DIR, exist_ok=True)
+    run = NETNS_RUN_DIR.encode()
+    # As iproute2: make /run/netns a shared mount so the bind survives into other mount namespaces.
+    if _libc.mount(b"", run, b"none", MS_SHARED | MS_REC, None) != 0:
+        _libc.mount(run, run, b"none", MS_BIND | MS_REC, None)
+        _libc.mount(b"", run, b"none", MS_SHARED | MS_REC, None)
+    path = os.path.join(NETNS_RUN_DIR, name)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"unshare: {os.strerror(ctypes.get_errno())}")
+        try:
+            if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None) != 0:
+                raise OSError(ctypes.get_errno(), f"mount {path}: {os.strerror(ctypes.get_errno())}")
+        finally:
+            _setns(home.__index__())
+    except OSError:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(home)
+
+
+def netns_pids(name: str) -> list[int]:
+    """Processes living in the namespace (what `ip netns pids` does)."""
+    try:
+        ino = os.stat(os.path.join(NETNS_RUN_DIR, name)).st_ino
+    except FileNotFoundError:
+        return []
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino == ino:
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+def netns_delete(name: str, kill: bool = True) -> None:
+    if kill:
+        for pid in netns_pids(name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    path = os.path.join(NETNS_RUN_DIR, name)
+    _libc.umount2(path.encode(), MNT_DETACH)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# --- sockets ----------------------------------------------------------------------------------------------------
+
+class Net:
+    """One IPRoute socket per namespace, and an ifname -> index cache per namespace."""
+
+    def __init__(self):
+        self._sock: dict[str, IPRoute] = {}
+        self._index: dict[str, dict[str, int]] = {}
+
+    def ipr(self, ns: str) -> IPRoute:
+        s = self._sock.get(ns)
+        if s is None:
+            with entered(ns):  # the socket keeps the namespace it was created in
+                s = self._sock[ns] = IPRoute()
+        return s
+
+    def index(self, ns: str, name: str) -> int:
+        cache = self._index.setdefault(ns, {})
+        if name not in cache:
+            cache[name] = self.ipr(ns).link("get", ifname=name)[0]["index"]
+        return cache[name]
+
+    def forget(self, ns: str, name: str | None = None) -> None:
+        if name is None:
+            self._index.pop(ns, None)
+            s = self._sock.pop(ns, None)
+            if s is not None:
+                s.close()
+        else:
+            self._index.get(ns, {}).pop(name, None)
+
+    def close(self) -> None:
+        for s in self._sock.values():
+            s.close()
+        self._sock.clear()
+        self._index.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- observing --------------------------------------------------------------------------------------------------
+
+def read_links(ipr: IPRoute) -> dict[str, Link]:
+    raw = list(ipr.get_links())
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in raw}
+    out: dict[str, Link] = {}
+    for m in raw:
+        name = m.get_attr("IFLA_IFNAME")
+        info = m.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else ""
+        bridge = None
+        if kind == "bridge":
+            data = info.get_attr("IFLA_INFO_DATA")
+            bridge = {k: data.get_attr("IFLA_BR_" + k.upper()) for k in
+                      ("stp_state", "forward_delay", "hello_time", "max_age", "priority")}
+        master = m.get_attr("IFLA_MASTER")
+        out[name] = Link(name, kind or "", names.get(master) if master else None, bool(m["flags"] & IFF_UP))
+        out[name].bridge = bridge
+    for a in ipr.get_addr():
+        dev = names.get(a["index"])
+        ip = a.get_attr("IFA_ADDRESS")
+        if dev in out and ip and not ip.startswith("fe80:"):
+            out[dev].addresses.append(f"{ip}/{a['prefixlen']}")
+    return out
+
+
+def default_route(ipr: IPRoute, links: dict[str, Link]) -> tuple[str | None, str | None]:
+    """(device, gateway) of the IPv4 default route, or (None, None)."""
+    for r in ipr.get_default_routes(family=2):
+        oif, gw = r.get_attr("RTA_OIF"), r.get_attr("RTA_GATEWAY")
+        if oif:
+            return ipr.link("get", index=oif)[0].get_attr("IFLA_IFNAME"), gw
+    return None, None
+
+
+def observe(lab: Lab, net: Net, run_root: Path | None = None) -> Observed:
+    obs = Observed()
+    obs.namespaces = set(os.listdir(NETNS_RUN_DIR)) if os.path.isdir(NETNS_RUN_DIR) else set()
+    host = lab.host_netns
+    for ns in ({host, lab.lan_netns} - {""}) | ({""} if lab.mode == "host" else set()):
+        if ns and ns not in obs.namespaces:
+            continue
+        ipr = net.ipr(ns)
+        obs.links[ns] = read_links(ipr)
+        obs.default_dev[ns], obs.default_gw[ns] = default_route(ipr, obs.links[ns])
+    links = obs.links.get(host, {})
+    for g in lab.guests:
+        if g.kind == "netns":
+            if _light_ok(lab, g, net, links, obs.namespaces):
+                obs.light_ok.add(g.name)
+        elif guest_alive(lab, g.name, run_root):
+            obs.qemu_alive.add(g.name)
+    if lab.nat and (host in obs.namespaces or not host):
+        if _run_in(host, ["nft", "list", "table", "inet", NAT_TABLE], check=False).returncode == 0:
+            obs.nat.add(host)
+    return obs
+
+
+def _light_ok(lab: Lab, g, net: Net, links: dict[str, Link], namespaces: set[str]) -> bool:
+    port = links.get(g.tap)
+    gns = lab.guest_netns(g)
+    if port is None or port.master != g.bridge or not port.up or gns not in namespaces:
+        return False
+    inner = read_links(net.ipr(gns)).get(LIGHT_DEV)
+    return inner is not None and inner.up and str(g.address) in inner.addresses
+
+
+def guest_dir(lab: str, guest: str, run_root: Path | None = None) -> Path:
+    from .state import RUN_DIR
+    return (run_root or RUN_DIR) / lab / "guests" / guest
+
+
+def guest_alive(lab: Lab, name: str, run_root: Path | None = None) -> bool:
+    d = guest_dir(lab.name, name, run_root)
+    try:
+        pid = int((d / "qemu.pid").read_text().split()[0])
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return False
+    return b"qemu" in cmd and str(d).encode() in cmd  # a recycled pid is not our guest
+
+
+def _run_in(ns: str, argv: list[str], input: str | None = None, check: bool = True):
+    # fork() copies the calling thread's namespaces, so the child runs inside `ns`.
+    with entered(ns):
+        p = subprocess.run(argv, input=input, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise OSError(f"{' '.join(argv)}: {(p.stderr or p.stdout).strip()}")
+    return p
+
+
+# --- doing ------------------------------------------------------------------------------------------------------
+
+def _tap_create(ns: str, name: str, owner, group, multi_queue: bool, vnet_hdr: bool) -> None:
+    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
+    with entered(ns):  # a tap is made in the namespace /dev/net/tun was opened in
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        if owner is not None:
+            fcntl.ioctl(fd, TUNSETOWNER, owner if isinstance(owner, int) else pwd.getpwnam(owner).pw_uid)
+        if group is not None:
+            fcntl.ioctl(fd, TUNSETGROUP, group if isinstance(group, int) else grp.getgrnam(group).gr_gid)
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)  # outlives this fd; QEMU attaches to it by name
+    finally:
+        os.close(fd)
+
+
+def _ignore_missing(fn: Callable, *a, **kw) -> None:
+    try:
+        fn(*a, **kw)
+    except NetlinkError as e:
+        if e.code not in (errno.ENODEV, errno.EADDRNOTAVAIL, errno.ESRCH, errno.ENOENT, errno.EINVAL):
+            raise
+
+
+def _addr(ipr: IPRoute, cmd: str, index: int, address: str) -> None:
+    ip, plen = address.split("/")
+    try:
+        ipr.addr(cmd, index=index, address=ip, prefixlen=int(plen))
+    except NetlinkError as e:
+        if not (cmd == "add" and e.code == errno.EEXIST):
+            raise
+
+
+class Applier:
+    """Runs actions, records each creation in `state` and in this run's journal (for rollback)."""
+
+    def __init__(self, lab: Lab, net: Net, state: State, progress: Callable[[str], None] = lambda s: None,
+                 run_root: Path | None = None):
+        self.lab, self.net, self.state, self.progress = lab, net, state, progress
+        self.run_root = run_root
+        self.journal: list[dict] = []
+
+    def record(self, item: dict) -> None:
+        if self.state.add(item):
+            self.journal.append(item)
+
+    def run(self, actions: list[Action]) -> None:
+        # Hooks look up a tap's bridge in taps.json, so it must be on disk before any QEMU starts.
+        for tap, bridge in self.lab.port_bridges().items():
+            self.state.taps[tap] = {"bridge": bridge, "netns": self.lab.host_netns, "lab": self.lab.name}
+        self.state.save()
+        for i, act in enumerate(actions):
+            try:
+                if act.op == "guest_start":
+                    self.state.save()  # guests are slow: keep what is done so far on disk
+                getattr(self, "do_" + act.op)(act)
+            except Exception as e:
+                msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                if isinstance(e, NetlinkError):
+                    msg = f"{os.strerror(e.code)} (netlink error {e.code})"
+                n = len(self.journal)
+                self.rollback()
+                raise ApplyError(f"{act}: {msg}; rolled back the {n} change(s) this run made") from e
+        self.state.save()
+
+    def rollback(self) -> None:
+        undo(list(self.journal), self.net, self.progress)
+        for item in self.journal:
+            self.state.remove(item)
+        if not self.state.created:
+            self.state.taps = {}
+        self.journal = []
+        self.state.save()
+
+    # one method per plan op
+    def do_netns_add(self, a: Action) -> None:
+        netns_create(a.name)
+        self.record({"op": "netns", "name": a.name})
+        ipr = self.net.ipr(a.name)
+        ipr.link("set", index=self.net.index(a.name, "lo"), state="up")
+
+    def _bridge_opts(self, stp: dict) -> dict:
+        return {"br_stp_state": 1 if stp["enabled"] else 0, "br_forward_delay": round(stp["forward_delay"] * 100),
+                "br_hello_time": round(stp["hello_time"] * 100), "br_max_age": round(stp["max_age"] * 100),
+                "br_priority": stp["priority"]}
+
+    def do_bridge_add(self, a: Action) -> None:
+        self.net.ipr(a.ns).link("add", ifname=a.name, kind="bridge", **self._bridge_opts(a.args["stp"]))
+        self.record({"op": "link", "ns": a.ns, "name": a.name})
+
+    def do_bridge_set(self, a: Action) -> None:
+        self.net.ipr(a.ns).link("set", index=self.net.index(a.ns, a.name), kind="bridge",
+                                **self._bridge_opts(a.args["stp"]))
+
+    def do_veth_add(self, a: Action) -> None:
+        peer_ns = a.args.get("peer_ns") or "/proc/thread-self/ns/net"
+        self.net.ipr(a.ns).link("add", ifname=a.name, kind="veth",
+                                peer={"ifname": a.args["peer"], "net_ns_fd": peer_ns})
+        self.record({"op": "link", "ns": a.ns, "name": a.name})
+
+    def do_tap_add(self, a: Action) -> None:
+        x = a.args
+        _tap_create(a.ns, a.name, x.get("owner"), x.get("group"), x.get("multi_queue"), x.get("vnet_hdr", True))
+        self.record({"op": "link", "ns": a.ns, "name": a.name})
+
+    def do_addr_add(self, a: Action) -> None:
+        _addr(self.net.ipr(a.ns), "add", self.net.index(a.ns, a.name), a.args["address"])
+        self.record({"op": "addr", "ns": a.ns, "dev": a.name, "address": a.args["address"]})
+
+    def do_addr_flush(self, a: Action) -> None:
+        # The seed's `ip addr flush dev eth1`; undone by putting the addresses back.
+        idx = self.net.index(a.ns, a.name)
+        for address in a.args["addresses"]:
+            _addr(self.net.ipr(a.ns), "del", idx, address)
+        self.record({"op": "flushed", "ns": a.ns, "dev": a.name, "addresses": a.args["addresses"]})
+
+    def do_route_add(self, a: Action) -> None:
+        try:
+            self.net.ipr(a.ns).route("add", dst="0.0.0.0/0", gateway=a.args["gateway"],
+                                     oif=self.net.index(a.ns, a.name))
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        self.record({"op": "route", "ns": a.ns, "dev": a.name, "gateway": a.args["gateway"]})
+
+    def do_master(self, a: Action) -> None:
+        ipr = self.net.ipr(a.ns)
+        ipr.link("set", index=self.net.index(a.ns, a.name), master=self.net.index(a.ns, a.args["bridge"]))
+        self.record({"op": "master", "ns": a.ns, "name": a.name})
+
+    def do_up(self, a: Action) -> None:
+        self.net.ipr(a.ns).link("set", index=self.net.index(a.ns, a.name), state="up")
+
+    def do_light_del(self, a: Action) -> None:
+        _ignore_missing(self.net.ipr(a.ns).link, "del", ifname=a.args["device"])
+        self.net.forget(a.ns, a.args["device"])
+        self.net.forget(a.args["netns"])
+        netns_delete(a.args["netns"])
+
+    def do_light_add(self, a: Action) -> None:
+        x, gns = a.args, a.args["netns"]
+        netns_create(gns)
+        self.record({"op": "light", "name": gns})
+        g = self.net.ipr(gns)
+        host = a.ns or "/proc/thread-self/ns/net"
+        # Create the pair from inside the guest: its end (with the guest's MAC) stays there, the port goes to the
+        # host namespace, so the address can be set on the guest end with the socket we already hold.
+        g.link("add", ifname=LIGHT_DEV, kind="veth", address=x["mac"], peer={"ifname": x["device"], "net_ns_fd": host})
+        inner = g.link("get", ifname=LIGHT_DEV)[0]["index"]
+        _addr(g, "add", inner, x["address"])
+        g.link("set", index=inner, state="up")
+        g.link("set", index=1, state="up")  # lo is always index 1 in a new namespace
+        if x.get("gateway"):
+            g.route("add", dst="0.0.0.0/0", gateway=x["gateway"], oif=inner)
+        h = self.net.ipr(a.ns)
+        h.link("set", index=self.net.index(a.ns, x["device"]), master=self.net.index(a.ns, x["bridge"]), state="up")
+
+    def do_nat_add(self, a: Action) -> None:
+        x = a.args
+        with entered(a.ns):
+            with open("/proc/sys/net/ipv4/ip_forward", "r+") as f:  # per namespace; opened from inside it
+                old = f.read().strip()
+                f.seek(0)
+                f.write("1")
+        self.record({"op": "sysctl", "ns": a.ns, "key": "net/ipv4/ip_forward", "old": old})
+        # Masquerade what leaves by the uplink from the bridge's subnet; forward only replies back in, so the WAN
+        # cannot open connections to guests even with a route to them.
+        script = f"""table inet {NAT_TABLE} {{
+  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {x['network']} oifname "{x['out']}" masquerade }}
+  chain forward {{ type filter hook forward priority filter; policy accept;
+    iifname "{x['out']}" oifname "{x['bridge']}" ct state established,related accept
+    iifname "{x['out']}" oifname "{x['bridge']}" drop }}
+}}
+"""
+        _run_in(a.ns, ["nft", "-f", "-"], input=script)
+        self.record({"op": "nat", "ns": a.ns, "table": NAT_TABLE})
+
+    def do_guest_start(self, a: Action) -> None:
+        from . import guests
+        g = next(g for g in self.lab.guests if g.name == a.name)
+        run_dir = guest_dir(self.lab.name, g.name, self.run_root)
+        self.progress(f"starting QEMU guest {g.name} on {g.tap}")
+        self.record({"op": "guest", "name": g.name, "ns": a.ns, "run_dir": str(run_dir)})
+        guests.start(self.lab, g, run_dir)
+
+
+# --- undoing ----------------------------------------------------------------------------------------------------
+
+def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s: None) -> list[str]:
+    """Undo recorded items, newest first. Items inside a namespace that is itself being deleted go with it.
+    Returns the problems met (an item already gone is not a problem)."""
+    dying = {i["name"] for i in items if i["op"] in ("netns", "light")}
+    problems = []
+    for item in reversed(items):
+        op, ns = item["op"], item.get("ns", "")
+        if op not in ("netns", "light", "guest") and ns in dying:
+            continue
+        try:
+            if op == "guest":
+                from . import guests
+                progress(f"stopping QEMU guest {item['name']}")
+                guests.stop(item["run_dir"], ns)
+            elif op in ("netns", "light"):
+                net.forget(item["name"])
+                netns_delete(item["name"])
+            elif ns and not netns_exists(ns):
+                continue
+            elif op == "link":
+                _ignore_missing(net.ipr(ns).link, "del", ifname=item["name"])
+                net.forget(ns, item["name"])
+            elif op == "addr":
+                _ignore_missing(_addr, net.ipr(ns), "del", net.index(ns, item["dev"]), item["address"])
+            elif op == "flushed":
+                for address in item["addresses"]:
+                    _addr(net.ipr(ns), "add", net.index(ns, item["dev"]), address)
+            elif op == "route":
+                _ignore_missing(net.ipr(ns).route, "del", dst="0.0.0.0/0", gateway=item["gateway"],
+                                oif=net.index(ns, item["dev"]))
+            elif op == "master":
+                _ignore_missing(net.ipr(ns).link, "set", index=net.index(ns, item["name"]), master=0)
+            elif op == "nat":
+                _run_in(ns, ["nft", "delete", "table", "inet", item["table"]], check=False)
+            elif op == "sysctl":
+                with entered(ns):
+                    Path("/proc/sys", item["key"]).write_text(item["old"])
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                problems.append(f"{op} {item}: {os.strerror(e.code)}")
+        except Exception as e:  # keep going: down must remove everything it can
+            problems.append(f"{op} {item.get('name') or item.get('dev')}: {e}")
+    return problems
+
+
+def up(lab: Lab, state: State, force: bool = False, progress: Callable[[str], None] = lambda s: None,
+       dry_run: bool = False, run_root: Path | None = None) -> list[Action]:
+    with Net() as net:
+        actions = planmod.plan(lab, observe(lab, net, run_root), force=force)
+        if not dry_run and actions:
+            Applier(lab, net, state, progress, run_root).run(actions)
+        return actions
+
+
+def down(state: State, progress: Callable[[str], None] = lambda s: None) -> tuple[int, list[str]]:
+    with Net() as net:
+        n = len(state.created)
+        problems = undo(state.created, net, progress)
+    state.created, state.taps = [], {}
+    state.clear()
+    return n, problems
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

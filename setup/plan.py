@@ -1,0 +1,188 @@
+"""Desired (the lab) vs observed (the kernel) -> the actions that make them equal. Pure: no I/O here, so plans are
+unit-tested with hand-made observations; `apply.observe()` gathers the real one.
+
+Order matters and is fixed: namespaces, bridges, uplink (and the seed's address move), taps, light guests, NAT, and
+QEMU guests last, because they are the slowest and the likeliest to fail (a failure rolls back the rest).
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from .spec import Lab
+
+LIGHT_DEV = "eth0"  # a light guest's own end of its veth, inside its namespace
+NAT_TABLE = "kvmnet"
+
+
+@dataclass
+class Link:
+    name: str
+    kind: str = ""                  # IFLA_INFO_KIND: bridge, veth, tun, "" for physical
+    master: str | None = None
+    up: bool = False
+    addresses: list[str] = field(default_factory=list)  # "ip/prefix", link-local IPv6 left out
+    bridge: dict | None = None      # bridge options in kernel units: stp_state, forward_delay (cs), ...
+
+
+@dataclass
+class Observed:
+    namespaces: set[str] = field(default_factory=set)               # named namespaces that exist
+    links: dict[str, dict[str, Link]] = field(default_factory=dict)  # netns ("" = host) -> name -> link
+    default_dev: dict[str, str | None] = field(default_factory=dict)  # netns -> device of the default route
+    default_gw: dict[str, str | None] = field(default_factory=dict)   # netns -> its gateway
+    light_ok: set[str] = field(default_factory=set)   # light guests whose namespace, veth and address are all there
+    qemu_alive: set[str] = field(default_factory=set)  # QEMU guests whose process runs
+    nat: set[str] = field(default_factory=set)        # namespaces holding our nft table
+
+
+@dataclass
+class Action:
+    op: str
+    ns: str
+    name: str
+    args: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        where = f" in {self.ns}" if self.ns else ""
+        a = self.args
+        text = {
+            "netns_add": f"create namespace {self.name}",
+            "bridge_add": f"create bridge {self.name}{where} (stp {'on' if a.get('stp', {}).get('enabled') else 'off'})",
+            "bridge_set": f"set bridge {self.name}{where} options {a.get('stp')}",
+            "veth_add": f"create veth {self.name}{where} <-> {a.get('peer')} in {a.get('peer_ns') or 'host'}",
+            "tap_add": f"create tap {self.name}{where}" + "".join(
+                f" {k}={a[k]}" for k in ("owner", "multi_queue", "vnet_hdr") if a.get(k) not in (None, False)),
+            "addr_add": f"add address {a.get('address')} to {self.name}{where}",
+            "addr_flush": f"move addresses off {self.name}{where}: flush {', '.join(a.get('addresses', []))}",
+            "route_add": f"add default route via {a.get('gateway')} dev {self.name}{where}",
+            "master": f"enslave {self.name} to {a.get('bridge')}{where}",
+            "up": f"set {self.name} up{where}",
+            "light_del": f"remove incomplete light guest {self.name} (namespace {a.get('netns')})",
+            "light_add": f"create light guest {self.name}: namespace {a.get('netns')}, veth {a.get('device')} on "
+                         f"{a.get('bridge')}, {a.get('address')} mac {a.get('mac')}",
+            "nat_add": f"masquerade {a.get('bridge')} out of {a.get('out')}{where} (nft table {NAT_TABLE})",
+            "guest_start": f"start QEMU guest {self.name}{where} on tap {a.get('tap')}",
+        }.get(self.op, f"{self.op} {self.name}{where} {a}")
+        return text
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "netns": self.ns, "name": self.name, **self.args, "text": str(self)}
+
+
+class Refused(Exception):
+    """The plan would do something harmful without --force; str() says what and why."""
+
+
+def _stp_kernel(stp) -> dict:
+    # The kernel keeps bridge timers in centiseconds (USER_HZ), `ip -d link` shows them that way.
+    return {"stp_state": 1 if stp.enabled else 0, "forward_delay": round(stp.forward_delay * 100),
+            "hello_time": round(stp.hello_time * 100), "max_age": round(stp.max_age * 100),
+            "priority": stp.priority}
+
+
+def plan(lab: Lab, obs: Observed, force: bool = False) -> list[Action]:
+    acts: list[Action] = []
+    host = lab.host_netns
+    add = lambda op, ns, name, **args: acts.append(Action(op, ns, name, args))  # noqa: E731
+
+    if lab.mode == "netns":
+        for ns in (host, lab.lan_netns):
+            if ns and ns not in obs.namespaces:
+                add("netns_add", "", ns)
+    links = obs.links.get(host, {})
+    lan_links = obs.links.get(lab.lan_netns, {})
+
+    for b in lab.bridges:
+        have = links.get(b.name)
+        want = _stp_kernel(b.stp)
+        if have is None:
+            add("bridge_add", host, b.name, stp=b.stp.model_dump())
+        elif have.bridge is not None and any(have.bridge.get(k) != v for k, v in want.items()):
+            add("bridge_set", host, b.name, stp=b.stp.model_dump())
+        if b.address and (have is None or str(b.address) not in have.addresses):
+            add("addr_add", host, b.name, address=str(b.address))
+        if have is None or not have.up:
+            add("up", host, b.name)
+
+    ports = lab.port_bridges()
+    up = lab.uplink
+    if up:
+        have = links.get(up.name)
+        bridge = ports.get(up.name)
+        addresses = list(have.addresses) if have else []
+        default = obs.default_dev.get(host)
+        if have is None:
+            if lab.mode == "host":
+                raise Refused(f"uplink.name: no such device on this host: {up.name!r}")
+            lan = up.lan
+            add("veth_add", host, up.name, peer=lan.device if lan else f"{up.name}p", peer_ns=lab.lan_netns)
+            # netns mode simulates the host before bridging: the uplink carries an address (and maybe the default
+            # route), which the move below takes off it.
+            if up.address:
+                add("addr_add", host, up.name, address=str(up.address))
+                addresses = [str(up.address)]
+            add("up", host, up.name)
+            if up.gateway:
+                add("route_add", host, up.name, gateway=str(up.gateway))
+                default = up.name
+        if lab.mode == "netns" and up.lan:
+            peer = lan_links.get(up.lan.device)
+            for a in up.lan.addresses:
+                if peer is None or str(a) not in peer.addresses:
+                    add("addr_add", lab.lan_netns, up.lan.device, address=str(a))
+            if peer is None or not peer.up:
+                add("up", lab.lan_netns, up.lan.device)
+        if bridge:
+            if addresses:
+                if default == up.name and not force:
+                    raise Refused(
+                        f"uplink.name: {up.name} carries the default route; moving its addresses "
+                        f"({', '.join(addresses)}) to {bridge} would cut this host off until the route is re-added "
+                        f"on {bridge}. Use --force to move the addresses and the default route together")
+                add("addr_flush", host, up.name, addresses=addresses)
+                if default == up.name:
+                    gw = up.gateway or obs.default_gw.get(host)
+                    if gw:
+                        add("route_add", host, bridge, gateway=str(gw))
+            if have is None or have.master != bridge:
+                add("master", host, up.name, bridge=bridge)
+        elif have is not None and not have.up:
+            add("up", host, up.name)
+
+    qemu_taps = {g.tap for g in lab.guests if g.kind == "qemu"}
+    tap_names = [t.name for t in lab.taps] + [t for t in sorted(qemu_taps) if t not in {x.name for x in lab.taps}]
+    alive = {g.tap for g in lab.guests if g.kind == "qemu" and g.name in obs.qemu_alive}
+    for name in tap_names:
+        t = lab.tap(name)
+        have = links.get(name)
+        if have is None:
+            add("tap_add", host, name, owner=t.owner, group=t.group, multi_queue=t.multi_queue, vnet_hdr=t.vnet_hdr)
+        bridge = ports.get(name)
+        # A guest's tap is enslaved by kvmnet-ifup when QEMU starts it, as in the seed; only repair it here.
+        if name in qemu_taps and name not in alive:
+            continue
+        if bridge and (have is None or have.master != bridge):
+            add("master", host, name, bridge=bridge)
+        if have is None or not have.up:
+            add("up", host, name)
+
+    for g in lab.guests:
+        if g.kind != "netns" or g.name in obs.light_ok:
+            continue
+        gns = lab.guest_netns(g)
+        args = dict(netns=gns, device=g.tap, bridge=g.bridge, mac=g.mac, address=str(g.address),
+                    gateway=str(g.gateway) if g.gateway else None)
+        if gns in obs.namespaces or g.tap in links:
+            add("light_del", host, g.name, **args)
+        add("light_add", host, g.name, **args)
+
+    if lab.nat and host not in obs.nat:
+        b = next(b for b in lab.bridges if b.name == lab.nat.bridge)
+        add("nat_add", host, NAT_TABLE, bridge=b.name, out=lab.nat.out,
+            network=str(ipaddress.ip_interface(b.address).network))
+
+    for g in lab.guests:
+        if g.kind == "qemu" and g.name not in obs.qemu_alive:
+            add("guest_start", host, g.name, tap=g.tap, bridge=g.bridge, mac=g.mac, address=str(g.address))
+    return acts

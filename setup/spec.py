@@ -1,0 +1,430 @@
+"""The lab file: a strict YAML schema, and `load_lab(path) -> Lab`.
+
+Every problem is a `LabError` whose str() is one line naming the field (`guests[1].mac: not a MAC address: '0a:zz'`),
+so the CLI can print it and exit 2 before anything is created.
+
+    name: seed                      # default: the file's stem; keys /run/kvmnet/<name>/
+    mode: netns                     # netns: build it all in namespaces; host: act on the real host
+    namespaces: {host: seed-host, lan: seed-lan}
+    bridges:
+      - {name: br0, address: 192.168.98.100/24, stp: {enabled: false, forward_delay: 15}, ports: [eth1]}
+    uplink:                         # netns mode: a veth whose far end sits in the LAN namespace
+      name: eth1
+      lan: {device: eth0, addresses: [192.168.98.3/24]}
+    taps: [{name: vm1eth0, owner: root, multi_queue: false, vnet_hdr: true}]
+    guests:
+      - {name: vm1, kind: qemu, tap: vm1eth0, bridge: br0, mac: 0a:e8:4f:c5:6a:16, address: 192.168.98.11/24}
+    nat: {bridge: br1, out: wan0}
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+class LabError(ValueError):
+    """A lab file problem; str() is one line: `where: what`."""
+
+
+# --- field types ------------------------------------------------------------------------------------------------
+
+def _devname(v: Any) -> str:
+    # The kernel's dev_valid_name(): 1..15 bytes, not "." or "..", no '/', ':' or whitespace.
+    if not isinstance(v, str):
+        raise ValueError(f"not a device name: {v!r}")
+    if not v or len(v.encode()) > 15:
+        raise ValueError(f"device name must be 1 to 15 bytes: {v!r}")
+    if v in (".", "..") or any(c in "/:" or c.isspace() for c in v):
+        raise ValueError(f"device name the kernel refuses ('/', ':', whitespace, '.', '..'): {v!r}")
+    return v
+
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _mac(v: Any) -> str:
+    s = str(v).lower() if isinstance(v, str) else ""
+    if not _MAC.match(s):
+        raise ValueError(f"not a MAC address: {v!r}")
+    if int(s[:2], 16) & 1:
+        raise ValueError(f"multicast MAC address, a NIC cannot have it: {v!r}")
+    return s
+
+
+def _iface(v: Any) -> IPInterface:
+    try:
+        addr = ipaddress.ip_interface(v)
+    except ValueError:
+        raise ValueError(f"not an address with prefix length (like 10.0.0.2/24): {v!r}") from None
+    if "/" not in str(v):
+        raise ValueError(f"address needs a prefix length (like {v}/24): {v!r}")
+    return addr
+
+
+def _addr(v: Any) -> IPAddress:
+    try:
+        return ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError(f"not an IP address: {v!r}") from None
+
+
+def _nsname(v: Any) -> str:
+    if not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
+        raise ValueError(f"not a namespace name (letters, digits, '_', '.', '-'): {v!r}")
+    return v
+
+
+def _memory(v: Any) -> str:
+    s = str(v).strip()
+    if not re.match(r"^[1-9][0-9]*[MG]?$", s):
+        raise ValueError(f"not a memory size (like 512M or 1G): {v!r}")
+    return s
+
+
+DevName = Annotated[str, BeforeValidator(_devname)]
+Mac = Annotated[str, BeforeValidator(_mac)]
+Interface = Annotated[Any, BeforeValidator(_iface)]
+Address = Annotated[Any, BeforeValidator(_addr)]
+NsName = Annotated[str, BeforeValidator(_nsname)]
+Memory = Annotated[str, BeforeValidator(_memory)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# --- the schema -------------------------------------------------------------------------------------------------
+
+class Stp(_Strict):
+    """Spanning tree; timers in seconds as the kernel's bridge options take them (forward_delay 2..30)."""
+    enabled: bool = False
+    forward_delay: float = Field(15.0, ge=2, le=30)
+    hello_time: float = Field(2.0, ge=1, le=10)
+    max_age: float = Field(20.0, ge=6, le=40)
+    priority: int = Field(32768, ge=0, le=65535)
+
+
+def _stp(v: Any) -> Any:
+    return {"enabled": v} if isinstance(v, bool) else v
+
+
+class Bridge(_Strict):
+    name: DevName
+    address: Interface | None = None
+    stp: Annotated[Stp, BeforeValidator(_stp)] = Stp()
+    ports: list[DevName] = []
+
+
+class Lan(_Strict):
+    """The far end of the uplink (netns mode): the LAN (or WAN) namespace's device and its peers' addresses."""
+    device: DevName = "eth0"
+    addresses: list[Interface] = []
+
+
+class Uplink(_Strict):
+    name: DevName
+    # What the uplink carries before `up` (netns mode simulates a host's eth1 with these); enslaving the uplink moves
+    # its addresses to the bridge, as the seed's `ip addr flush dev eth1; ip addr add ... dev br0`.
+    address: Interface | None = None
+    gateway: Address | None = None
+    lan: Lan | None = None
+
+
+class Tap(_Strict):
+    name: DevName
+    owner: str | int | None = None
+    group: str | int | None = None
+    multi_queue: bool = False
+    vnet_hdr: bool = True
+    bridge: DevName | None = None
+
+
+class Guest(_Strict):
+    name: Annotated[str, AfterValidator(lambda v: _devname(v) and v)]
+    kind: Literal["qemu", "netns"] = "qemu"
+    tap: DevName                     # the bridge port: a tap for qemu, the host-side veth for netns guests
+    bridge: DevName
+    mac: Mac | None = None           # default: derived from lab and guest name (stable, locally administered)
+    address: Interface
+    gateway: Address | None = None
+    netns: NsName | None = None      # netns guests: their namespace (default <host namespace>-<name>)
+    memory: Memory = "128M"
+    cpus: int = Field(1, ge=1, le=64)
+    image: str | None = None         # None/"default": the built-in tiny guest; else a disk image path
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+
+    @property
+    def device(self) -> str:
+        return self.tap
+
+
+class Nat(_Strict):
+    bridge: DevName
+    out: DevName                     # the routed uplink the bridge's traffic is masqueraded out of
+
+
+class Namespaces(_Strict):
+    host: NsName
+    lan: NsName | None = None
+
+
+class Lab(_Strict):
+    name: NsName
+    mode: Literal["netns", "host"] = "netns"
+    namespaces: Namespaces | None = None
+    bridges: list[Bridge] = []
+    uplink: Uplink | None = None
+    taps: list[Tap] = []
+    guests: list[Guest] = []
+    nat: Nat | None = None
+    # Not from the file: where it was read, so relative image paths resolve next to it.
+    source: Path | None = Field(None, exclude=True)
+
+    @property
+    def host_netns(self) -> str:
+        return self.namespaces.host if self.mode == "netns" and self.namespaces else ""
+
+    @property
+    def lan_netns(self) -> str:
+        return self.namespaces.lan or "" if self.mode == "netns" and self.namespaces else ""
+
+    def guest_netns(self, g: Guest) -> str:
+        return g.netns or f"{self.host_netns or 'kvmnet-' + self.name}-{g.name}"
+
+    def port_bridges(self) -> dict[str, str]:
+        """Every bridge port -> its bridge (bridges[].ports, taps[].bridge, guests[].bridge)."""
+        out: dict[str, str] = {}
+        for b in self.bridges:
+            for p in b.ports:
+                out[p] = b.name
+        for t in self.taps:
+            if t.bridge:
+                out[t.name] = t.bridge
+        for g in self.guests:
+            out[g.tap] = g.bridge
+        return out
+
+    def tap(self, name: str) -> Tap:
+        """The tap's settings: from taps[], or the defaults for a tap only a guest names."""
+        for t in self.taps:
+            if t.name == name:
+                return t
+        return Tap(name=name)
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "lax-", "json-")) or part in ("str", "int", "IPv4Address"):
+            continue  # pydantic's union/validator branch names, not fields
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    inp = err.get("input")
+    if kind in ("literal_error", "bool_parsing", "int_parsing", "float_parsing", "greater_than_equal",
+                "less_than_equal", "int_from_float") and not isinstance(inp, (dict, list)):
+        msg += f": {inp!r}"
+    return msg
+
+
+def _fail(where: str, what: str) -> LabError:
+    return LabError(f"{where}: {what}")
+
+
+def parse_lab(data: Any, name: str = "lab", source: Path | None = None) -> Lab:
+    """Validate an already-parsed YAML document."""
+    if not isinstance(data, dict):
+        raise _fail("(top level)", "the lab file must be a mapping of keys")
+    data = dict(data)
+    data.setdefault("name", name)
+    try:
+        lab = Lab.model_validate(data)
+    except ValidationError as e:
+        errs = e.errors()
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise _fail(_loc(errs[0]["loc"]), _message(errs[0]) + more) from None
+    lab.source = source
+    _check(lab)
+    return lab
+
+
+def load_lab(path: str | Path) -> Lab:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise LabError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise LabError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}".replace("\n", " ")) from None
+    return parse_lab(data, name=path.stem, source=path)
+
+
+def default_mac(lab: str, guest: str) -> str:
+    """A stable locally administered unicast MAC (0a:...), so relabelling a guest keeps its MAC."""
+    h = hashlib.sha1(f"{lab}/{guest}".encode()).digest()
+    return "0a:" + ":".join(f"{b:02x}" for b in h[:5])
+
+
+def resolve_image(lab: Lab, g: Guest) -> Path | None:
+    if g.image in (None, "", "default"):
+        return None
+    p = Path(g.image).expanduser()
+    if not p.is_absolute() and lab.source is not None:
+        p = lab.source.parent / p
+    return p
+
+
+def _check(lab: Lab) -> None:
+    """Cross-field rules pydantic cannot see field by field."""
+    if lab.mode == "netns" and lab.namespaces is None:
+        raise _fail("namespaces", "required in netns mode (namespaces: {host: NAME, lan: NAME})")
+    if lab.mode == "host":
+        if lab.namespaces is not None:
+            raise _fail("namespaces", "only for mode: netns (host mode acts on the real host)")
+        if lab.uplink and lab.uplink.lan:
+            raise _fail("uplink.lan", "only for mode: netns (on a real host the LAN is real)")
+    if lab.namespaces and lab.namespaces.lan == lab.namespaces.host:
+        raise _fail("namespaces.lan", f"same as namespaces.host: {lab.namespaces.host!r}")
+    if lab.uplink and lab.uplink.lan and not lab.lan_netns:
+        raise _fail("namespaces.lan", "required when uplink.lan is given")
+
+    bridges = {}
+    for i, b in enumerate(lab.bridges):
+        if b.name in bridges:
+            raise _fail(f"bridges[{i}].name", f"duplicate bridge name: {b.name!r}")
+        bridges[b.name] = b
+
+    # Device names share one namespace: bridges, uplink, taps, guest ports.
+    devices: dict[str, str] = {}
+
+    def claim(name: str, where: str) -> None:
+        if name in devices:
+            raise _fail(where, f"duplicate device name: {name!r} (also {devices[name]})")
+        devices[name] = where
+
+    for i, b in enumerate(lab.bridges):
+        claim(b.name, f"bridges[{i}].name")
+    if lab.uplink:
+        claim(lab.uplink.name, "uplink.name")
+    taps = {}
+    for i, t in enumerate(lab.taps):
+        claim(t.name, f"taps[{i}].name")
+        taps[t.name] = t
+        if t.bridge and t.bridge not in bridges:
+            raise _fail(f"taps[{i}].bridge", f"no such bridge: {t.bridge!r}")
+
+    port_owner: dict[str, str] = {}
+    for i, b in enumerate(lab.bridges):
+        for j, p in enumerate(b.ports):
+            where = f"bridges[{i}].ports[{j}]"
+            if p in port_owner:
+                raise _fail(where, f"{p!r} is already a port of {port_owner[p]!r}")
+            if p in bridges:
+                raise _fail(where, f"a bridge cannot be a port: {p!r}")
+            if p not in devices and not (lab.mode == "host"):
+                raise _fail(where, f"no such device in the lab (uplink or taps): {p!r}")
+            port_owner[p] = b.name
+    for i, t in enumerate(lab.taps):
+        if t.bridge:
+            if t.name in port_owner and port_owner[t.name] != t.bridge:
+                raise _fail(f"taps[{i}].bridge", f"{t.name!r} is a port of {port_owner[t.name]!r}")
+            port_owner[t.name] = t.bridge
+
+    names: dict[str, int] = {}
+    macs: dict[str, str] = {}
+    addrs: dict[Any, str] = {}
+    for b_i, b in enumerate(lab.bridges):
+        if b.address:
+            addrs[b.address.ip] = f"bridges[{b_i}].address"
+    if lab.uplink and lab.uplink.lan:
+        for j, a in enumerate(lab.uplink.lan.addresses):
+            if a.ip in addrs:
+                raise _fail(f"uplink.lan.addresses[{j}]", f"duplicate address: {a.ip} (also {addrs[a.ip]})")
+            addrs[a.ip] = f"uplink.lan.addresses[{j}]"
+    guest_ns: dict[str, str] = {}
+    for i, g in enumerate(lab.guests):
+        at = f"guests[{i}]"
+        if g.name in names:
+            raise _fail(f"{at}.name", f"duplicate guest name: {g.name!r}")
+        names[g.name] = i
+        if g.bridge not in bridges:
+            raise _fail(f"{at}.bridge", f"no such bridge: {g.bridge!r}")
+        if g.kind == "qemu":
+            if g.tap in devices and g.tap not in taps:
+                raise _fail(f"{at}.tap", f"{g.tap!r} is not a tap (also {devices[g.tap]})")
+            if g.tap not in taps:
+                claim(g.tap, f"{at}.tap")
+            if g.netns:
+                raise _fail(f"{at}.netns", "only for kind: netns")
+        else:
+            claim(g.tap, f"{at}.tap")
+            ns = lab.guest_netns(g)
+            if ns in guest_ns or ns in (lab.host_netns, lab.lan_netns):
+                raise _fail(f"{at}.netns", f"duplicate namespace name: {ns!r}")
+            guest_ns[ns] = at
+        if g.tap in port_owner and port_owner[g.tap] != g.bridge:
+            raise _fail(f"{at}.bridge", f"tap {g.tap!r} is a port of {port_owner[g.tap]!r}, not {g.bridge!r}")
+        port_owner[g.tap] = g.bridge
+        if g.mac is None:
+            g.mac = default_mac(lab.name, g.name)
+        if g.mac in macs:
+            raise _fail(f"{at}.mac", f"duplicate MAC address: {g.mac} (also {macs[g.mac]})")
+        macs[g.mac] = f"{at}.mac"
+        if g.address.ip in addrs:
+            raise _fail(f"{at}.address", f"duplicate address: {g.address.ip} (also {addrs[g.address.ip]})")
+        addrs[g.address.ip] = f"{at}.address"
+        br = bridges[g.bridge]
+        if br.address is not None and g.address.ip not in br.address.network:
+            raise _fail(f"{at}.address", f"{g.address} is outside bridge {br.name}'s subnet {br.address.network}")
+        if g.gateway is not None and g.gateway not in g.address.network:
+            raise _fail(f"{at}.gateway", f"{g.gateway} is outside the guest's subnet {g.address.network}")
+        if g.kind == "qemu":
+            img = resolve_image(lab, g)
+            if img is not None and not img.is_file():
+                raise _fail(f"{at}.image", f"no such image file: {str(img)!r}")
+        elif g.image or g.accel != "auto":
+            raise _fail(f"{at}.{'image' if g.image else 'accel'}", "only for kind: qemu")
+
+    if lab.uplink:
+        up = lab.uplink
+        if up.gateway is not None and (up.address is None or up.gateway not in up.address.network):
+            raise _fail("uplink.gateway", "needs uplink.address in the same subnet")
+        if lab.mode == "host" and (up.address or up.gateway):
+            raise _fail("uplink.address" if up.address else "uplink.gateway",
+                        "only for mode: netns (a real host's uplink already has its addresses)")
+    if lab.nat:
+        if lab.nat.bridge not in bridges:
+            raise _fail("nat.bridge", f"no such bridge: {lab.nat.bridge!r}")
+        if not lab.uplink or lab.nat.out != lab.uplink.name:
+            raise _fail("nat.out", f"must name the uplink: {lab.nat.out!r}")
+        if lab.nat.out in port_owner:
+            raise _fail("nat.out", f"{lab.nat.out!r} is enslaved to {port_owner[lab.nat.out]!r}; NAT routes it")
+        if bridges[lab.nat.bridge].address is None:
+            raise _fail(f"bridges[{list(bridges).index(lab.nat.bridge)}].address", "a NAT bridge needs an address")
