@@ -238,7 +238,8 @@ def _run_in(ns: str, argv: list[str], input: str | None = None, check: bool = Tr
     with entered(ns):
         p = subprocess.run(argv, input=input, capture_output=True, text=True)
     if check and p.returncode != 0:
-        raise OSError(f"{' '.join(argv)}: {(p.stderr or p.stdout).strip()}")
+        lines = (p.stderr or p.stdout).strip().splitlines() or [f"exit status {p.returncode}"]
+        raise OSError(f"{' '.join(argv)}: {lines[0]}")
     return p
 
 
@@ -412,10 +413,12 @@ class Applier:
         # cannot open connections to guests even with a route to them.
         script = f"""table inet {NAT_TABLE} {{
   chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {x['network']} oifname "{x['out']}" masquerade }}
+    ip saddr {x['network']} oifname "{x['out']}" masquerade
+  }}
   chain forward {{ type filter hook forward priority filter; policy accept;
     iifname "{x['out']}" oifname "{x['bridge']}" ct state established,related accept
-    iifname "{x['out']}" oifname "{x['bridge']}" drop }}
+    iifname "{x['out']}" oifname "{x['bridge']}" drop
+  }}
 }}
 """
         _run_in(a.ns, ["nft", "-f", "-"], input=script)
