@@ -209,7 +209,7 @@ def _attrs(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
     unpack = _NLA.unpack_from
     while off + 4 <= end:
         alen, atype = unpack(data, off)
-        if alen < 4:
+        if alen < 4 or off + alen > end:
             break
         out[atype & NLA_TYPE_MASK] = (off + 4, off + alen)
         off += (alen + 3) & ~3
@@ -323,6 +323,95 @@ def parse_neigh(data: bytes, off: int, end: int) -> tuple[int, ipaddress.IPv4Add
     return ifindex, ipaddress.ip_address(bytes(data[dst[0]:dst[1]])), _mac(data, ll), state
 
 
+def links_from_dump(chunks: list[bytes]) -> dict[int, Link]:
+    links: dict[int, Link] = {}
+    for chunk in chunks:
+        for typ, _f, _s, off, end in iter_messages(chunk):
+            if typ == RTM_NEWLINK:
+                l = parse_link(chunk, off, end)
+                if l is not None:
+                    links[l.index] = l
+    return links
+
+
+def fdb_from_dump(chunks: list[bytes]) -> dict[tuple[int, str, int], tuple[int, int]]:
+    """{(bridge, mac, vlan): (ifindex, type)} of the bridges' own FDB entries."""
+    table: dict[tuple[int, str, int], tuple[int, int]] = {}
+    for chunk in chunks:
+        for typ, _f, _s, off, end in iter_messages(chunk):
+            if typ == RTM_NEWNEIGH:
+                e = parse_fdb(chunk, off, end)
+                if e is not None:
+                    table[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
+    return table
+
+
+def stats_from_dump(chunks: list[bytes]) -> dict[int, Counters]:
+    out: dict[int, Counters] = {}
+    hdr, s8, nla = _STATS_HDR.unpack_from, _STATS8.unpack_from, _NLA.unpack_from
+    make = Counters._make
+    for chunk in chunks:
+        for typ, _f, _s, off, end in iter_messages(chunk):
+            if typ != RTM_NEWSTATS:
+                continue
+            # Fast path for the layout we asked for: if_stats_msg, then one IFLA_STATS_LINK_64 attribute.
+            if end - off >= 28 + 4 + 64 and nla(chunk, off + 28)[1] == IFLA_STATS_LINK_64:
+                out[hdr(chunk, off + 16)[1]] = make(s8(chunk, off + 32))
+            else:
+                r = parse_stats(chunk, off, end)
+                if r is not None:
+                    out[r[0]] = r[1]
+    return out
+
+
+def neighbours_from_dump(chunks: list[bytes], links: dict[int, Link]) -> list[Neighbour]:
+    out = []
+    for chunk in chunks:
+        for typ, _f, _s, off, end in iter_messages(chunk):
+            if typ != RTM_NEWNEIGH:
+                continue
+            n = parse_neigh(chunk, off, end)
+            if n is None or n[3] & (NUD_FAILED | NUD_INCOMPLETE | NUD_NOARP) or n[1].is_multicast:
+                continue
+            link = links.get(n[0])
+            out.append(Neighbour(link.name if link else str(n[0]), n[1], n[2], n[3]))
+    out.sort(key=lambda n: (n.device, n.address.version, n.address))
+    return out
+
+
+def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None
+                 ) -> None:
+    """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
+    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked."""
+    for typ, _f, _s, off, end in iter_messages(chunk):
+        if typ == RTM_NEWLINK or typ == RTM_DELLINK:
+            if chunk[off + 16] == AF_BRIDGE:
+                # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify); the AF_UNSPEC ones
+                # carry everything else.
+                if typ == RTM_NEWLINK:
+                    index, state = parse_bridge_protinfo(chunk, off, end)
+                    l = links.get(index)
+                    if l is not None and state is not None:
+                        l.stp_state = state
+                continue
+            l = parse_link(chunk, off, end)
+            if l is None:
+                continue
+            if typ == RTM_DELLINK:
+                links.pop(l.index, None)
+            else:
+                links[l.index] = l
+        elif fdb is not None and (typ == RTM_NEWNEIGH or typ == RTM_DELNEIGH):
+            e = parse_fdb(chunk, off, end)
+            if e is None:
+                continue
+            # Keyed by (bridge, mac, vlan): a learned MAC that moves to another port comes as one NEWNEIGH, no DEL.
+            if typ == RTM_NEWNEIGH:
+                fdb[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
+            else:
+                fdb.pop((e.master, e.mac, e.vlan), None)
+
+
 def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters] | None,
                    fdb: dict[tuple[int, str, int], tuple[int, int]] | None) -> BridgeSnapshot:
     """Join topology, counters and FDB into bridges and their ports. A device missing from `stats` vanished between
@@ -417,18 +506,7 @@ class NetlinkSource:
         multicast/broadcast mappings, which name no host. One small dump."""
         with self._lock:
             self._refresh(False)
-            out = []
-            for chunk in self._dump(RTM_GETNEIGH, _NEIGH_REQ):
-                for typ, _f, _s, off, end in iter_messages(chunk):
-                    if typ != RTM_NEWNEIGH:
-                        continue
-                    n = parse_neigh(chunk, off, end)
-                    if n is None or n[3] & (NUD_FAILED | NUD_INCOMPLETE | NUD_NOARP) or n[1].is_multicast:
-                        continue
-                    link = self._links.get(n[0])
-                    out.append(Neighbour(link.name if link else str(n[0]), n[1], n[2], n[3]))
-            out.sort(key=lambda n: (n.device, n.address.version, n.address))
-            return out
+            return neighbours_from_dump(self._dump(RTM_GETNEIGH, _NEIGH_REQ), self._links)
 
     def close(self) -> None:
         with self._lock:
@@ -484,23 +562,9 @@ class NetlinkSource:
         """Full dumps. Events queued before now describe the past: drop them; those arriving during the dumps are
         applied at the next drain, and being later than what the dump saw, they leave the newest state."""
         self._drain_events(apply=False)
-        links: dict[int, Link] = {}
-        for chunk in self._dump(RTM_GETLINK, _LINK_REQ):
-            for typ, _f, _s, off, end in iter_messages(chunk):
-                if typ == RTM_NEWLINK:
-                    l = parse_link(chunk, off, end)
-                    if l is not None:
-                        links[l.index] = l
-        self._links = links
+        self._links = links_from_dump(self._dump(RTM_GETLINK, _LINK_REQ))
         if want_fdb:
-            table: dict[tuple[int, str, int], tuple[int, int]] = {}
-            for chunk in self._dump(RTM_GETNEIGH, _FDB_REQ):
-                for typ, _f, _s, off, end in iter_messages(chunk):
-                    if typ == RTM_NEWNEIGH:
-                        e = parse_fdb(chunk, off, end)
-                        if e is not None:
-                            table[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
-            self._fdb = table
+            self._fdb = fdb_from_dump(self._dump(RTM_GETNEIGH, _FDB_REQ))
         self._synced_at = time.monotonic()
         self.resyncs += 1
 
@@ -522,50 +586,10 @@ class NetlinkSource:
                 continue
             if not apply:
                 continue
-            for typ, _f, _s, off, end in iter_messages(chunk):
-                if typ == RTM_NEWLINK or typ == RTM_DELLINK:
-                    family = chunk[off + 16]
-                    if family == AF_BRIDGE:
-                        # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify).
-                        if typ == RTM_NEWLINK:
-                            index, state = parse_bridge_protinfo(chunk, off, end)
-                            l = links.get(index)
-                            if l is not None and state is not None:
-                                l.stp_state = state
-                        continue
-                    l = parse_link(chunk, off, end)
-                    if l is None:
-                        continue
-                    if typ == RTM_DELLINK:
-                        links.pop(l.index, None)
-                    else:
-                        links[l.index] = l
-                elif fdb is not None and (typ == RTM_NEWNEIGH or typ == RTM_DELNEIGH):
-                    e = parse_fdb(chunk, off, end)
-                    if e is None:
-                        continue
-                    # Keyed by (bridge, mac, vlan): a learned MAC that moves to another port comes as one NEWNEIGH.
-                    if typ == RTM_NEWNEIGH:
-                        fdb[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
-                    else:
-                        fdb.pop((e.master, e.mac, e.vlan), None)
+            apply_events(chunk, links, fdb)
 
     def _dump_stats(self) -> dict[int, Counters]:
-        out: dict[int, Counters] = {}
-        hdr, s8 = _STATS_HDR.unpack_from, _STATS8.unpack_from
-        make = Counters._make
-        for chunk in self._dump(RTM_GETSTATS, _STATS_REQ):
-            for typ, _f, _s, off, end in iter_messages(chunk):
-                if typ != RTM_NEWSTATS:
-                    continue
-                # Fast path for the layout we asked for: if_stats_msg, then one IFLA_STATS_LINK_64 attribute.
-                if end - off >= 28 + 4 + 64 and _NLA.unpack_from(chunk, off + 28)[1] == IFLA_STATS_LINK_64:
-                    out[hdr(chunk, off + 16)[1]] = make(s8(chunk, off + 32))
-                else:
-                    r = parse_stats(chunk, off, end)
-                    if r is not None:
-                        out[r[0]] = r[1]
-        return out
+        return stats_from_dump(self._dump(RTM_GETSTATS, _STATS_REQ))
 
     def _dump(self, typ: int, body: bytes, attempts: int = 3) -> list[bytes]:
         """One dump's receive buffers, DONE and ERROR checked. An interrupted dump (the device list changed under

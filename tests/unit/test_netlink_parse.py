@@ -1,0 +1,190 @@
+"""Pure parse tests on recorded rtnetlink dumps (tests/unit/data/*.bin, made by tests/unit/record_netlink.py),
+and the collectors' exposition compared with a golden file.
+
+Regenerate the golden file after an intended change of the output:
+
+    KVMNET_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_netlink_parse.py
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvmnet.exporter.collectors.bridges import bridge_families, fdb_families, _filter
+from kvmnet.exporter.exposition import render
+from kvmnet.exporter.sources import netlink as nl
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+GOLDEN = HERE / "golden" / "bridges.prom"
+ODD = 'vm"2\\é'
+
+
+def chunks(name: str) -> list[bytes]:
+    return [(DATA / f"{name}.bin").read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def links():
+    return nl.links_from_dump(chunks("links"))
+
+
+@pytest.fixture(scope="module")
+def by_name(links):
+    return {l.name: l for l in links.values()}
+
+
+def snapshot(links=None, fdb=True) -> nl.BridgeSnapshot:
+    links = links if links is not None else nl.links_from_dump(chunks("links"))
+    table = nl.fdb_from_dump(chunks("fdb")) if fdb else None
+    return nl.build_snapshot("lab", links, nl.stats_from_dump(chunks("stats")), table)
+
+
+def test_links(by_name):
+    assert sorted(by_name) == sorted(["lo", "br0", "br1", "vm0", "vm1", ODD, "x.y-z_0", "tun0", "ve0", "ve0p"])
+    br0, br1 = by_name["br0"], by_name["br1"]
+    assert (br0.kind, br0.stp_enabled, br0.mac) == ("bridge", False, "02:42:00:00:00:01")
+    assert (br1.kind, br1.stp_enabled) == ("bridge", True)
+    vm0 = by_name["vm0"]
+    assert (vm0.kind, vm0.master, vm0.mac, vm0.stp_state) == ("tap", br0.index, "0a:00:00:00:00:01", 3)
+    assert vm0.flags & nl.IFF_LOWER_UP and not by_name["vm1"].flags & nl.IFF_LOWER_UP
+    assert vm0.carrier_changes == 2 and by_name["vm1"].carrier_changes == 1
+    assert by_name["tun0"].kind == "tun" and by_name["ve0"].kind == "veth" and by_name["lo"].kind == "physical"
+    assert by_name["ve0"].stp_state == 1  # listening: br1 runs STP and the recording caught it early
+    assert by_name[ODD].master == br0.index
+
+
+def test_stats(by_name):
+    st = nl.stats_from_dump(chunks("stats"))
+    # Three 100-byte broadcast frames written into vm0's fd: the tap received them (the host's view).
+    assert st[by_name["vm0"].index] == nl.Counters(rx_packets=3, tx_packets=0, rx_bytes=300, tx_bytes=0)
+    br0 = st[by_name["br0"].index]
+    assert (br0.rx_packets, br0.rx_dropped) == (3, 3)  # delivered up to br0's own stack, no protocol for them
+
+
+def test_fdb(by_name):
+    table = nl.fdb_from_dump(chunks("fdb"))
+    per = {}
+    for (_master, _mac, _vlan), (ifindex, typ) in table.items():
+        per.setdefault(ifindex, [0, 0, 0])[typ] += 1
+    idx = {n: l.index for n, l in by_name.items()}
+    assert per[idx["vm1"]] == [1, 3, 0]
+    assert per[idx["vm0"]] == [2, 0, 1]  # own MAC, one added permanent, the learned source of the frames
+    assert per[idx[ODD]] == [1, 1, 0]
+    assert per[idx["br0"]] == [2, 0, 0]  # the bridge's own address and one added with `self permanent`
+    # The per-device "self" entries (multicast lists) are not bridge FDB entries.
+    assert not [k for k in table if k[1].startswith(("33:33", "01:00:5e"))]
+
+
+def test_neighbours(links):
+    got = nl.neighbours_from_dump(chunks("neigh"), links)
+    assert [(n.device, str(n.address), n.mac) for n in got] == [("br0", "10.0.0.9", "0a:00:00:00:09:09")]
+
+
+def test_events_move_the_tables(by_name):
+    links = nl.links_from_dump(chunks("links"))
+    table = nl.fdb_from_dump(chunks("fdb"))
+    nl.apply_events((DATA / "events.bin").read_bytes(), links, table)
+    snap = nl.build_snapshot("lab", links, {i: nl.Counters() for i in links}, table)
+    br0 = {p.name: p for p in snap.bridges[0].ports}
+    assert "vm1" not in br0 and "vm9" in br0
+    assert br0["vm9"].fdb == nl.FdbCounts(local=1, static=1, learned=0)
+    assert not br0["vm0"].up  # its fd was closed before the events were recorded
+    assert not [k for k, (ifindex, _t) in table.items() if ifindex == by_name["vm1"].index]
+
+
+def test_snapshot_is_sorted_and_joins(by_name):
+    snap = snapshot()
+    assert [b.name for b in snap.bridges] == ["br0", "br1"]
+    assert [p.name for p in snap.bridges[0].ports] == sorted(["vm0", "vm1", ODD, "x.y-z_0"])
+    assert snap.bridges[0].fdb == nl.FdbCounts(local=7, static=4, learned=1)  # 2 on br0 itself, 2 vm0, 1 on each other tap
+
+
+def test_a_device_without_counters_vanished_and_is_left_out(by_name):
+    links = nl.links_from_dump(chunks("links"))
+    stats = nl.stats_from_dump(chunks("stats"))
+    del stats[by_name["vm1"].index]
+    snap = nl.build_snapshot("lab", links, stats, None)
+    assert "vm1" not in [p.name for p in snap.bridges[0].ports]
+
+
+def test_truncated_and_garbage_buffers_never_raise():
+    data = (DATA / "links.bin").read_bytes()
+    for cut in range(0, len(data), 53):
+        nl.links_from_dump([data[:cut]])
+    rnd = random.Random(7)
+    for _ in range(200):
+        buf = bytearray(data)
+        for _ in range(20):
+            buf[rnd.randrange(len(buf))] = rnd.randrange(256)
+        try:
+            nl.links_from_dump([bytes(buf)])
+            nl.fdb_from_dump([bytes(buf)])
+        except (ValueError, IndexError, UnicodeDecodeError) as exc:  # a corrupt value, never a crash of the loop
+            pytest.fail(f"garbage raised {exc!r}")
+
+
+def _render_golden() -> bytes:
+    guests = {"vm0": SimpleNamespace(name="vm-zero", mac="0a:00:00:00:00:05")}
+    snap = snapshot()
+    return render(bridge_families(snap, guests) + fdb_families(snap))
+
+
+def test_golden_exposition():
+    out = _render_golden()
+    if os.environ.get("KVMNET_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_bytes(out)
+    assert out == GOLDEN.read_bytes(), "exposition changed; KVMNET_UPDATE_GOLDEN=1 regenerates the golden file"
+
+
+def test_golden_parses_and_passes_promtool():
+    text = GOLDEN.read_text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    odd = dict(netns="lab", bridge="br0", device=ODD)
+    assert samples[("kvmnet_port_up", tuple(sorted(odd.items())))] == 0
+    vm0 = dict(netns="lab", bridge="br0", device="vm0")
+    assert samples[("kvmnet_port_receive_bytes_total", tuple(sorted(vm0.items())))] == 300
+    info = [k for k in samples if k[0] == "kvmnet_port_info" and ("device", "vm0") in k[1]]
+    assert ("guest", "vm-zero") in info[0][1] and ("kind", "tap") in info[0][1]
+    res = subprocess.run(["promtool", "check", "metrics"], input=GOLDEN.read_bytes(), capture_output=True)
+    assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res
+
+
+def test_stp_state_set_has_one_current_state():
+    snap = snapshot(fdb=False)
+    snap.bridges[0].ports[0].stp_state = 9  # not a state we know: all zero, never a crash
+    fams = {f.name: f for f in bridge_families(snap)}
+    lines = fams["kvmnet_port_stp_state"].lines
+    text = "\n".join(lines)
+    assert text.count(" 1") == len(snap.bridges[0].ports) - 1 + len(snap.bridges[1].ports)
+    assert all(f.name for f in fdb_families(snap)) and not fdb_families(snap)[0].lines  # no FDB asked, no series
+
+
+def test_include_exclude():
+    keep = _filter(re.compile("^vm"), re.compile("1$"))
+    snap = snapshot()
+    text = render(bridge_families(snap, keep=keep) + fdb_families(snap, keep=keep)).decode()
+    devices = set(re.findall(r'device="([^"\\]*(?:\\.[^"\\]*)*)"', text))
+    assert devices == {"vm0", 'vm\\"2\\\\é'}
+    assert "kvmnet_bridge_ports{" not in text  # br0/br1 do not match ^vm
+
+
+def test_rows_cache_is_reused_and_pruned():
+    from kvmnet.exporter.collectors.bridges import _Rows
+    rows = _Rows()
+    snap = snapshot()
+    a = render(bridge_families(snap, rows=rows))
+    n = len(rows.ports)
+    assert render(bridge_families(snapshot(), rows=rows)) == a and len(rows.ports) == n
+    snap.bridges[0].ports.pop()
+    bridge_families(snap, rows=rows)
+    assert len(rows.ports) == n - 1
