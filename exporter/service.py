@@ -54,7 +54,7 @@ class ProbeTarget:
 class Loaded:
     config: Config
     lab: Any  # kvmnet.setup.spec.Lab | None
-    watched: list[str]  # "" (own namespace) first, then named ones in order given
+    watched: list[str]  # "" (own namespace) first, then the named ones, sorted
     targets: list[ProbeTarget]
 
 
@@ -78,7 +78,7 @@ def load(settings: Settings) -> Loaded:
     named = list(settings.netns) + list(config.netns)
     if lab is not None and getattr(lab, "host_netns", ""):
         named.append(lab.host_netns)
-    watched = list(dict.fromkeys(["", *named]))
+    watched = ["", *sorted(set(named))]  # sorted: stable output whatever order flags and files name them
     targets = [ProbeTarget(t.name, t.address, resolve_target_netns(t, named), "config")
                for t in config.probe.targets]
     if lab is not None:

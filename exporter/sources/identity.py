@@ -15,11 +15,12 @@ libvirt: `/run/libvirt/qemu/*.xml` (`<domstatus pid=..><domain><name>`, `<interf
 Lab file: its guests' `device`, `name` and `mac`, in its `host_netns`.
 
 Where sources disagree, live QEMU wins over libvirt over the lab file; a missing MAC is filled from the others.
-The /proc scan is cached for `ttl` seconds and shared by all namespaces.
+The /proc scan is cached for `ttl` seconds, shared by all namespaces, and refreshed in the background.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from . import netns as nsmod
+
+log = logging.getLogger("kvmnet.identity")
 
 
 class GuestIdentity(NamedTuple):
@@ -240,13 +243,17 @@ class GuestDirectory:
     """tap -> guest, per namespace, from /proc, libvirt and the lab file. Thread-safe; scans at most every `ttl`."""
 
     def __init__(self, lab=None, proc: str = "/proc", libvirt_dir: str = "/run/libvirt/qemu",
-                 ttl: float = 5.0) -> None:
+                 ttl: float = 5.0, background: bool = True) -> None:
         self.lab = lab
         self.proc = proc
         self.libvirt_dir = libvirt_dir
         self.ttl = ttl
+        # background: a stale scan is refreshed in a thread while lookups serve the previous one, so a scrape
+        # never pays for a /proc walk (about 15 us a process) except the very first.
+        self.background = background
         self._lock = threading.Lock()
-        self._at = -1e9
+        self._at: float | None = None
+        self._refreshing = False
         self._live: list[tuple[int, str, GuestIdentity]] = []  # (netns inode, device, identity)
 
     def set_lab(self, lab) -> None:
@@ -254,19 +261,43 @@ class GuestDirectory:
             self.lab = lab
 
     def invalidate(self) -> None:
+        """Forget the cached scan: the next lookup scans again, synchronously."""
         with self._lock:
-            self._at = -1e9
+            self._at = None
+
+    def _refresh(self) -> None:
+        try:
+            live = self._scan_qemu() + self._scan_libvirt()
+        except Exception as exc:  # noqa: BLE001 - names are a nicety: keep the last good scan, say why once a ttl
+            log.warning("event=identity_scan_failed error=%r", str(exc))
+            live = None
+        with self._lock:
+            self._refreshing = False
+            self._at = time.monotonic()
+            if live is not None:
+                self._live = live
+
+    def _current(self) -> list[tuple[int, str, GuestIdentity]]:
+        with self._lock:
+            stale = self._at is None or time.monotonic() - self._at >= self.ttl
+            if not stale:
+                return self._live
+            if self._at is not None and self.background:
+                if not self._refreshing:
+                    self._refreshing = True
+                    threading.Thread(target=self._refresh, name="kvmnet-identity", daemon=True).start()
+                return self._live
+        self._refresh()
+        with self._lock:
+            return self._live
 
     def lookup(self, netns_name: str) -> dict[str, GuestIdentity]:
         try:
             ino = nsmod.inode(netns_name)
         except nsmod.NetnsGone:
             return {}
-        with self._lock:
-            if time.monotonic() - self._at >= self.ttl:
-                self._live = self._scan_qemu() + self._scan_libvirt()
-                self._at = time.monotonic()
-            live, lab = self._live, self.lab
+        live = self._current()
+        lab = self.lab
         out: dict[str, GuestIdentity] = {}
         if lab is not None and (getattr(lab, "host_netns", "") or "") == netns_name:
             for g in getattr(lab, "guests", []):

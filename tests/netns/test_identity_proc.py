@@ -39,7 +39,7 @@ def test_libvirt_style_fd_resolved_through_fdinfo(netns_factory, tmp_path):
         "-netdev", "tap,fd=4,id=hostnet1",
         "-device", "virtio-net-pci,netdev=hostnet1,id=net1,mac=52:54:00:6b:3c:59"], tmp_path)
     try:
-        d = GuestDirectory(ttl=0)
+        d = GuestDirectory(ttl=0, background=False)
         assert d.lookup(ns) == {"vnet0": GuestIdentity("web01", "52:54:00:6b:3c:58", "qemu"),
                                 "vnet1": GuestIdentity("web01", "52:54:00:6b:3c:59", "qemu")}
         assert d.lookup(other) == {}  # same names elsewhere are not this guest's
@@ -61,6 +61,12 @@ def test_named_tap_and_cache(netns_factory, tmp_path):
         assert d.lookup(ns) == {"vm1eth0": GuestIdentity("vm1", "0a:e8:4f:c5:6a:16", "qemu")}
     finally:
         stop(p)
+    d.ttl = 0  # stale now: the lookup serves the old scan and refreshes in the background
+    assert d.lookup(ns) == {"vm1eth0": GuestIdentity("vm1", "0a:e8:4f:c5:6a:16", "qemu")}
+    deadline = time.monotonic() + 5
+    while d.lookup(ns):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_scan_cost_is_small():

@@ -1,0 +1,244 @@
+"""The real `kvmnet-exporter` process on 127.0.0.1 watching test namespaces: scrape, identity, namespace churn,
+bad config, --config.check, reload by SIGHUP, promtool. The witness for the topology is iproute2 (tests/witness.py)."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import witness
+from tests.netns.test_identity_proc import start_fake_qemu, stop
+
+pytestmark = pytest.mark.netns
+EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True)
+
+
+def make_bridge(ns: str, bridge: str = "br0") -> None:
+    ip("-n", ns, "link", "add", bridge, "type", "bridge")
+    ip("-n", ns, "link", "set", bridge, "up")
+
+
+class Exporter:
+    def __init__(self, *args: str, log_format: str = "logfmt") -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen([EXPORTER, "--web.listen-address", f"127.0.0.1:{self.port}",
+                                      "--log.format", log_format, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 15
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exporter exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                if self.get("/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "exporter did not come up"
+            time.sleep(0.1)
+
+    def get(self, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, bytes, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), dict(e.headers)
+
+    def metrics(self) -> str:
+        status, body, _ = self.get("/metrics")
+        assert status == 200
+        return body.decode()
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+def samples(text: str) -> list:
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def value(text: str, name: str, **lbl) -> float | None:
+    for s in samples(text):
+        if s.name == name and all(s.labels.get(k) == v for k, v in lbl.items()):
+            return s.value
+    return None
+
+
+@pytest.fixture
+def exporters():
+    started: list[Exporter] = []
+
+    def start(*args: str, **kw) -> Exporter:
+        e = Exporter(*args, **kw)
+        started.append(e)
+        return e
+
+    yield start
+    for e in started:
+        if e.proc.poll() is None:
+            e.stop()
+
+
+def test_scrape_identity_and_namespace_churn(netns_factory, exporters, tmp_path):
+    ns, churn = netns_factory("ke"), netns_factory("ke")
+    make_bridge(ns)
+    tap = f"t{ns[-6:]}"
+    qemu = start_fake_qemu(ns, [tap], ["-name", "guest=vmx,debug-threads=on", "-netdev", "tap,fd=3,id=hostnet0",
+                                       "-device", "virtio-net-pci,netdev=hostnet0,mac=52:54:00:12:34:56"], tmp_path)
+    try:
+        ip("-n", ns, "link", "set", tap, "master", "br0", "up")
+        ip("-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
+        ip("-n", ns, "link", "set", "va", "master", "br0", "up")
+        make_bridge(churn, "brc")
+        e = exporters("--netns", ns, "--netns", churn)
+        text = e.metrics()
+        assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=ns) == 1
+        assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=churn) == 1
+        assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns="") == 1
+        ports = {p for p, v in witness.bridge_ports(ns).items() if v.get("master") == "br0"}
+        assert ports == {tap, "va"}
+        assert value(text, "kvmnet_bridge_ports", netns=ns, bridge="br0") == len(ports)
+        info = [s for s in samples(text) if s.name == "kvmnet_port_info" and s.labels["netns"] == ns]
+        assert {s.labels["device"]: s.labels["guest"] for s in info} == {tap: "vmx", "va": ""}
+        assert value(text, "kvmnet_build_info") == 1
+
+        # promtool's linter on the real output
+        if shutil.which("promtool"):
+            r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+            assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+        # a watched namespace deleted: its collectors fail, the rest is served
+        subprocess.run(["ip", "netns", "del", churn], check=True)
+        text = e.metrics()
+        assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=churn) == 0
+        assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=ns) == 1
+        assert value(text, "kvmnet_bridge_ports", netns=churn, bridge="brc") is None
+        assert value(text, "kvmnet_bridge_ports", netns=ns, bridge="br0") == 2
+
+        # ... and created again under the same name: picked up with no restart
+        ip("netns", "add", churn)
+        make_bridge(churn, "brx")
+        text = e.metrics()
+        assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=churn) == 1
+        assert value(text, "kvmnet_bridge_ports", netns=churn, bridge="brx") == 0
+        assert value(text, "kvmnet_bridge_ports", netns=churn, bridge="brc") is None
+
+        # the tap's QEMU dies: the tap goes away and so does its series; nothing else changes
+        stop(qemu)
+        text = e.metrics()
+        assert value(text, "kvmnet_bridge_ports", netns=ns, bridge="br0") == 1
+        assert value(text, "kvmnet_port_info", netns=ns, device=tap) is None
+        err = e.stop()
+        assert e.proc.returncode == 0
+        assert "Traceback" not in err
+        assert "event=collector_failed" in err
+    finally:
+        stop(qemu)
+
+
+def test_gzip_and_landing(netns, exporters):
+    e = exporters("--netns", netns)
+    status, body, headers = e.get("/metrics", {"Accept-Encoding": "gzip",
+                                               "Accept": "application/openmetrics-text;version=1.0.0,"
+                                                         "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    import gzip
+    assert "kvmnet_scrape_collector_success" in gzip.decompress(body).decode()
+    status, body, _ = e.get("/")
+    assert status == 200 and b'href="metrics"' in body
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([EXPORTER, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_bad_config_and_flags_exit_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("probe:\n  targets:\n    - {name: a, address: 10.0.0.1}\n    - {name: b, address: nope}\n")
+    cases = [
+        (["--config.file", str(bad)], "probe.targets[1].address: not an IP address: 'nope'"),
+        (["--config.file", str(bad), "--config.check"], "probe.targets[1].address"),
+        (["--config.file", str(tmp_path / "missing.yml")], "missing.yml: No such file or directory"),
+        (["--web.listen-address", "nohost"], "--web.listen-address"),
+        (["--netns", "../etc"], "--netns"),
+        (["--device.include", "(["], "--device.include"),
+        (["--log.format", "xml"], "--log.format"),
+        (["--collector.nope"], "--collector.nope"),
+    ]
+    for args, needle in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_config_check_and_version(tmp_path):
+    good = tmp_path / "good.yml"
+    good.write_text("netns: [ke-a]\nprobe:\n  interval: 2s\n  targets:\n    - {name: g0, address: 10.0.0.3}\n")
+    r = run_cli("--config.file", str(good), "--config.check")
+    assert r.returncode == 0, r.stderr
+    assert "config ok" in r.stdout
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kvmnet-exporter ")
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for flag in ("--web.listen-address", "--config.file", "--config.check", "--netns", "--lab",
+                 "--collector.bridge", "--no-collector.bridge", "--collector.fdb", "--collector.probe",
+                 "--collector.identity", "--device.include", "--device.exclude", "--log.level", "--log.format",
+                 "--web.config.file", "--version"):
+        assert flag in r.stdout, flag
+
+
+def test_sighup_reload_and_json_logs(netns_factory, exporters, tmp_path):
+    a, b = netns_factory("ke"), netns_factory("ke")
+    cfg = tmp_path / "kvmnet.yml"
+    cfg.write_text(f"netns: [{a}]\n")
+    e = exporters("--config.file", str(cfg), "--no-collector.probe", log_format="json")
+    text = e.metrics()
+    assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=a) == 1
+    assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=b) is None
+
+    cfg.write_text(f"netns: [{a}, {b}]\n")
+    e.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=b) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        text = e.metrics()
+    assert value(text, "kvmnet_config_last_reload_successful") == 1
+
+    cfg.write_text("netns: {oops: 1}\n")
+    status, body, _ = e.get("/-/reload", method="POST")
+    assert status == 500 and body.decode().strip() == "netns: input should be a valid list, got dict"
+    text = e.metrics()
+    assert value(text, "kvmnet_config_last_reload_successful") == 0
+    assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=b) == 1  # old config serves
+    err = e.stop()
+    events = [json.loads(line) for line in err.splitlines()]
+    assert {"starting", "reloaded", "reload_failed", "stopped"} <= {ev.get("event") for ev in events}
+    assert all(ev["level"] in ("debug", "info", "warn", "error") and ev["ts"] for ev in events)
