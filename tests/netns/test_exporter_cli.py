@@ -242,3 +242,54 @@ def test_sighup_reload_and_json_logs(netns_factory, exporters, tmp_path):
     events = [json.loads(line) for line in err.splitlines()]
     assert {"starting", "reloaded", "reload_failed", "stopped"} <= {ev.get("event") for ev in events}
     assert all(ev["level"] in ("debug", "info", "warn", "error") and ev["ts"] for ev in events)
+
+
+def test_prober_wired_config_targets_and_probe_endpoint(netns_factory, exporters, tmp_path):
+    """A config target in a watched namespace: the prober starts with the app, pings it, and /probe works."""
+    a, b = netns_factory("ke"), netns_factory("ke")
+    ip("-n", a, "link", "add", "a0", "type", "veth", "peer", "name", "b0", "netns", b)
+    ip("-n", a, "addr", "add", "10.77.0.1/24", "dev", "a0")
+    ip("-n", b, "addr", "add", "10.77.0.2/24", "dev", "b0")
+    ip("-n", a, "link", "set", "a0", "up")
+    ip("-n", b, "link", "set", "b0", "up")
+    cfg = tmp_path / "kvmnet.yml"
+    cfg.write_text(f"netns: [{a}]\nprobe:\n  interval: 200ms\n  timeout: 500ms\n  discover: false\n"
+                   f"  targets:\n    - {{name: g0, address: 10.77.0.2}}\n    - {{name: gone, address: 10.77.0.9}}\n")
+    e = exporters("--config.file", str(cfg))
+    deadline = time.monotonic() + 15
+    while True:
+        text = e.metrics()
+        if value(text, "kvmnet_guest_up", netns=a, guest="g0") == 1:
+            break
+        assert time.monotonic() < deadline, "g0 never up"
+        time.sleep(0.3)
+    assert value(text, "kvmnet_guest_ping_replies_total", netns=a, guest="g0") >= 1
+    assert value(text, "kvmnet_guest_up", netns=a, guest="gone") == 0
+    assert value(text, "kvmnet_scrape_collector_success", collector="probe") == 1
+
+    status, body, _ = e.get(f"/probe?target=10.77.0.2&netns={a}&count=2")
+    assert status == 200 and value(body.decode(), "probe_success") == 1
+    status, _, _ = e.get("/probe?target=not-an-ip")
+    assert status == 400
+
+    # reload drops a target and changes nothing else
+    cfg.write_text(f"netns: [{a}]\nprobe:\n  interval: 200ms\n  discover: false\n"
+                   f"  targets:\n    - {{name: g0, address: 10.77.0.2}}\n")
+    assert e.get("/-/reload", method="POST")[0] == 200
+    text = e.metrics()
+    assert value(text, "kvmnet_guest_up", netns=a, guest="gone") is None
+    assert value(text, "kvmnet_guest_ping_replies_total", netns=a, guest="g0") >= 1  # its counters kept
+    assert "Traceback" not in e.stop()
+
+
+def test_lab_file_check(tmp_path):
+    seed = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "seed-lab.yaml")
+    r = run_cli("--lab", seed, "--config.check")
+    assert r.returncode == 0, r.stderr
+    assert "seed-host" in r.stdout and "2 probe targets" in r.stdout
+    bad = tmp_path / "lab.yaml"
+    bad.write_text(open(seed).read().replace("mac: 0a:e8:4f:c5:6a:16", "mac: 0a:zz:4f:c5:6a:16"))
+    r = run_cli("--lab", str(bad), "--config.check")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "guests[0].mac" in lines[0] and "Traceback" not in r.stderr
