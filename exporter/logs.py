@@ -80,13 +80,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj)
 
 
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs a malformed request (garbage bytes, a 100 KB header) as an error with a traceback. It is the
+    client's fault and already answered 400: one warning line, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        try:
+            from aiohttp.http_exceptions import HttpProcessingError
+        except ImportError:  # pragma: no cover
+            return True
+        if isinstance(exc, (HttpProcessingError, ConnectionError)):
+            peer = record.getMessage().rpartition(" from ")[2]
+            text = str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__]
+            record.msg, record.args = "%s", (fmt("bad_request", client=peer, error=text[0][:120]),)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup(level: str = "info", format: str = "logfmt", stream=None) -> None:
     """Configure the root logger once (stderr by default). aiohttp's access log stays quiet below debug."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if format == "json" else LogfmtFormatter())
+    handler._kvmnet = True  # type: ignore[attr-defined]
     root = logging.getLogger()
     for h in list(root.handlers):
-        root.removeHandler(h)
+        if getattr(h, "_kvmnet", False):  # ours from an earlier setup(); leave others' (pytest's) alone
+            root.removeHandler(h)
+    handler.addFilter(_BadRequestFilter())
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)

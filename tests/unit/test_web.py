@@ -185,3 +185,21 @@ async def test_failing_collector_does_not_sink_scrape(aiohttp_client, tmp_path):
     assert sample(fams, "kvmnet_scrape_collector_success", collector="broken") == 0
     assert sample(fams, "kvmnet_scrape_collector_success", collector="standin") == 1
     assert sample(fams, "kvmnet_standin_value") == 42
+
+
+def test_bad_request_logged_as_one_line_without_traceback():
+    import io
+    import logging
+
+    from aiohttp.http_exceptions import LineTooLong
+
+    from kvmnet.exporter import logs
+    buf = io.StringIO()
+    logs.setup("info", "logfmt", stream=buf)
+    try:
+        raise LineTooLong("a" * 1000, "8190")
+    except LineTooLong as exc:
+        logging.getLogger("aiohttp.server").error("Error handling request from 127.0.0.1", exc_info=exc)
+    out = buf.getvalue()
+    assert out.count("\n") == 1 and "Traceback" not in out
+    assert "level=warn" in out and "event=bad_request client=127.0.0.1" in out
