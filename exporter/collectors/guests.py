@@ -232,10 +232,10 @@ def make_prober() -> GuestProber:
 def _budget(header: str | None, default: float = 3.0) -> float:
     """Seconds this probe may take: Prometheus' scrape timeout minus a margin for the response (blackbox: 0.5 s)."""
     try:
-        t = float(header) if header else default
-    except ValueError:
+        t = float(header) - 0.5
+    except (TypeError, ValueError):
         t = default
-    return max(min(t - 0.5 if header else t, 60.0), 0.1)
+    return max(min(t, 60.0), 0.1)
 
 
 async def probe_handler(request: Any, prober: Prober | None = None, watched: list[str] | None = None) -> Any:

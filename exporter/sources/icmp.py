@@ -62,6 +62,7 @@ FAMILY_NAME = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 PAYLOAD_SIZE = 56  # fping's and ping's default: 64-byte ICMP messages
 COOKIE_SIZE = 8
 ANC_SIZE = socket.CMSG_SPACE(48) + socket.CMSG_SPACE(16) + socket.CMSG_SPACE(64)  # timestamps + IP_RECVERR
+RECENT = 256  # raw RTTs kept per guest: exact quantiles for /probe-style checks and tests, not exported
 TICK = 0.01  # the finest batch spacing of sends, seconds
 
 # 10 us, 20 us, ... 5.24 s: 20 exponential buckets spanning a veth pair to a congested WAN.
@@ -92,7 +93,8 @@ class PacketBuilder:
         self.type = ECHO_REQUEST[family]
         self.ident = ident
         self.payload = cookie + bytes(max(payload_size - len(cookie), 0))
-        self._payload_sum = sum(struct.unpack(f"!{len(self.payload) // 2}H", self.payload + b"\0" * (len(self.payload) % 2)))
+        padded = self.payload + b"\0" * (len(self.payload) % 2)
+        self._payload_sum = sum(struct.unpack(f"!{len(padded) // 2}H", padded))
 
     def build(self, seq: int) -> bytes:
         s = self._payload_sum + (self.type << 8) + self.ident + seq
@@ -184,7 +186,7 @@ class GuestState:
     """Counters of one target; survives target list replacements while (netns, name) stays."""
 
     __slots__ = ("target", "addr", "family", "requests", "replies", "send_errors", "lost_in_row", "up",
-                 "last_reply", "buckets", "rtt_sum", "last_error")
+                 "last_reply", "buckets", "rtt_sum", "last_error", "recent")
 
     def __init__(self, target: Target) -> None:
         self.requests = self.replies = self.send_errors = self.lost_in_row = 0
@@ -193,6 +195,7 @@ class GuestState:
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.rtt_sum = 0.0
         self.last_error = ""
+        self.recent: collections.deque[float] = collections.deque(maxlen=RECENT)  # raw RTTs, for quantiles
         self.retarget(target)
 
     def retarget(self, target: Target) -> None:
@@ -207,6 +210,7 @@ class GuestState:
         self.last_reply = now
         self.buckets[bucket_index(rtt)] += 1
         self.rtt_sum += rtt
+        self.recent.append(rtt)
 
     def on_loss(self, down_after: int) -> None:
         self.lost_in_row += 1
@@ -582,19 +586,24 @@ class Prober:
         cycle_start = loop.time()
         while True:
             now = loop.time()
-            if i >= len(order) and now >= cycle_start + (self.interval if order else 0):
-                # A new cycle: pick up target and namespace changes. After a stall, restart rather than burst.
-                cycle_start = cycle_start + self.interval if order else now
-                if now - cycle_start > self.interval:
-                    cycle_start = now
-                self._check_namespaces()
-                with self.lock:
-                    order = list(self._order)
-                i = 0
-            slot = self.interval / max(len(order), 1)
-            while i < len(order) and cycle_start + i * slot <= now:
-                self._send(order[i])
-                i += 1
+            while True:
+                if i >= len(order) and now >= cycle_start + (self.interval if order else 0):
+                    # A new cycle: pick up target and namespace changes. Cycles follow each other on the
+                    # interval's grid (a 10 ms tick may run several 5 ms cycles); after a stall longer than
+                    # that, restart at now rather than send the missed cycles in a burst.
+                    cycle_start = cycle_start + self.interval if order else now
+                    if now - cycle_start > max(self.interval, 5 * TICK):
+                        cycle_start = now
+                    self._check_namespaces()
+                    with self.lock:
+                        order = list(self._order)
+                    i = 0
+                slot = self.interval / max(len(order), 1)
+                while i < len(order) and cycle_start + i * slot <= now:
+                    self._send(order[i])
+                    i += 1
+                if i < len(order) or not order or now < cycle_start + self.interval:
+                    break
             nxt = cycle_start + i * slot if i < len(order) else cycle_start + self.interval
             for s in list(self._sockets.values()):
                 d = s.expire(now)
