@@ -237,6 +237,11 @@ class BridgeCollector:
                 log.warning("event=identity_failed netns=%s error=%r", self.netns, str(exc))
         return bridge_families(snap, guests, self.keep, self._rows)
 
+    def close(self) -> None:
+        """Drop the namespace's sockets (shared with the fdb collector and the prober: they reopen on next use).
+        Call it when the namespace is gone, so dead namespaces are not kept alive by our sockets."""
+        self.source.close()
+
 
 class FdbCollector:
     """kvmnet_port_fdb_entries and kvmnet_bridge_fdb_entries of one namespace."""
@@ -252,3 +257,6 @@ class FdbCollector:
 
     def collect(self) -> Iterable[MetricFamily]:
         return fdb_families(self.source.snapshot(stats=False), self.keep, self._cache)
+
+    def close(self) -> None:
+        self.source.close()
