@@ -102,7 +102,12 @@ class Guarded:
         self._ino = None
 
     def collect(self) -> Iterable[MetricFamily]:
-        ino = nsmod.inode(self.netns)  # raises NetnsGone: this collector fails, the others go on
+        try:
+            ino = nsmod.inode(self.netns)
+        except nsmod.NetnsGone:
+            # Drop our sockets in it: they would keep a deleted namespace (and its devices) alive.
+            self.close()
+            raise  # this collector fails, the others go on
         if self._inner is None or ino != self._ino:
             if self._inner is not None:
                 logs.event(log, "netns_recreated", collector=self.name, netns=self.netns)
@@ -113,9 +118,12 @@ class Guarded:
 
     def close(self) -> None:
         inner, self._inner = self._inner, None
-        if inner is not None and hasattr(inner, "close"):
+        # A collector's close(), or that of the netlink source it holds (shared per namespace; it reopens itself
+        # when next asked).
+        closer = getattr(inner, "close", None) or getattr(getattr(inner, "source", None), "close", None)
+        if closer is not None:
             try:
-                inner.close()
+                closer()
             except Exception as exc:  # noqa: BLE001 - closing a dead namespace's sockets must not break a scrape
                 logs.event(log, "collector_close_failed", logging.DEBUG, collector=self.name, error=exc)
 

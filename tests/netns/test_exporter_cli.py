@@ -113,7 +113,10 @@ def test_scrape_identity_and_namespace_churn(netns_factory, exporters, tmp_path)
         ip("-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
         ip("-n", ns, "link", "set", "va", "master", "br0", "up")
         make_bridge(churn, "brc")
-        e = exporters("--netns", ns, "--netns", churn)
+        # a veth from the churn namespace into ns: when churn is really destroyed, its end in ns goes too
+        ip("-n", churn, "link", "add", "vx", "type", "veth", "peer", "name", "vy", "netns", ns)
+        # no prober: its discovery loop would also close the sockets; the scrape path must do it alone
+        e = exporters("--netns", ns, "--netns", churn, "--no-collector.probe")
         text = e.metrics()
         assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=ns) == 1
         assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=churn) == 1
@@ -137,6 +140,12 @@ def test_scrape_identity_and_namespace_churn(netns_factory, exporters, tmp_path)
         assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=ns) == 1
         assert value(text, "kvmnet_bridge_ports", netns=churn, bridge="brc") is None
         assert value(text, "kvmnet_bridge_ports", netns=ns, bridge="br0") == 2
+        # the exporter let go of it: the namespace is destroyed, and with it the veth pair
+        deadline = time.monotonic() + 10
+        while "vy" in witness.links(ns):
+            assert time.monotonic() < deadline, "the deleted namespace is kept alive (by the exporter's sockets?)"
+            time.sleep(0.2)
+            e.metrics()
 
         # ... and created again under the same name: picked up with no restart
         ip("netns", "add", churn)
