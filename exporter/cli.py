@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(loaded.targets)} probe targets")
         return 0
 
-    from aiohttp import web  # imported late: --version and --config.check stay fast
-
+    from . import limits, privileges
     from .web import create_app
 
     prober, probe_handler = _prober(settings)
@@ -166,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.event(log, "starting", version=__version__, address=f"{host or ''}:{port}",
                tls=ssl_context is not None, netns=",".join(n for n in loaded.watched if n) or "-",
                collectors=",".join(sorted({c.name for c in service.collectors})) or "-")
+    privileges.drop(port)  # before the event loop and its threads: capabilities are per thread
     try:
-        web.run_app(app, host=host, port=port, ssl_context=ssl_context, print=None, access_log=None,
-                    handle_signals=True, shutdown_timeout=5)
+        limits.serve(app, host, port, ssl_context)  # web.run_app plus connection cap and slow-client deadlines
     except OSError as exc:
         return _fail(f"--web.listen-address {host or ''}:{port}: {exc.strerror or exc}", 1)
     logs.event(log, "stopped")

@@ -1,0 +1,171 @@
+"""Serving the aiohttp app with limits that `web.run_app` does not offer: a connection cap and a deadline for
+clients that connect and then say nothing (or dribble a header a byte at a time).
+
+What bounds what:
+- request line and each header: `max_line_size` / `max_field_size` (aiohttp's parser answers 400/431 beyond them);
+  at most `max_headers` headers; request bodies: web.py's `client_max_size` (64 KiB; nothing here takes a body).
+- a new connection must deliver a whole first request within `header_timeout` (and finish its TLS handshake in that
+  time too); after each response the connection may idle for `keepalive_timeout`, then it is closed.
+- at most `max_connections` at once. When full, a new connection evicts the oldest one that is idle (no request in
+  progress), so a pile of idle sockets cannot lock Prometheus out; only when every connection is busy is the new one
+  refused with a 503.
+
+    serve(app, host, port, ssl_context, Limits())   # blocks until SIGTERM/SIGINT, then shuts down cleanly
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from . import logs
+
+log = logging.getLogger("kvmnet.web")
+
+
+@dataclass
+class Limits:
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 64
+    shutdown_timeout: float = 5.0
+
+
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 20\r\nConnection: close\r\n\r\ntoo many connections"
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport):
+        transport.write(_BUSY)
+        transport.close()
+
+
+class _Conn(asyncio.Protocol):
+    """Wraps aiohttp's per-connection RequestHandler: passes everything through, keeps a deadline."""
+
+    def __init__(self, tracker: "_Tracker", inner: asyncio.Protocol) -> None:
+        self.tracker, self.inner = tracker, inner
+        self.transport = None
+        self.busy = 0
+        self.opened = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.busy == 0 and self.transport is not None:
+            self.tracker.timeouts += 1
+            self.transport.abort()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.tracker.conns[transport] = self
+        self.arm(self.tracker.limits.header_timeout)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        self.disarm()
+        if self.transport is not None:
+            self.tracker.conns.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+
+class _Tracker:
+    def __init__(self, server, limits: Limits) -> None:
+        self.server, self.limits = server, limits
+        self.conns: dict[object, _Conn] = {}  # transport -> connection, oldest first
+        self.evicted = self.refused = self.timeouts = 0
+
+    def factory(self) -> asyncio.Protocol:
+        if len(self.conns) >= self.limits.max_connections:
+            idle = next((c for c in self.conns.values() if c.busy == 0), None)
+            if idle is None:
+                self.refused += 1
+                return _Refuse()
+            self.evicted += 1
+            self.conns.pop(idle.transport, None)
+            idle.transport.abort()
+        return _Conn(self, self.server())
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        conn = self.conns.get(request.transport)
+        if conn is None:
+            return await handler(request)
+        conn.busy += 1
+        conn.disarm()
+        try:
+            return await handler(request)
+        finally:
+            conn.busy -= 1
+            if conn.busy == 0 and conn.transport is not None and not conn.transport.is_closing():
+                conn.arm(self.limits.keepalive_timeout)
+
+
+async def serve_async(app: web.Application, host: str | None, port: int, ssl_context=None,
+                      limits: Limits | None = None, ready=None) -> None:
+    """Serve until SIGTERM or SIGINT. `ready(tracker)` is called once listening (tests use it)."""
+    limits = limits or Limits()
+    tracker = _Tracker(None, limits)
+    app.middlewares.insert(0, tracker.middleware)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=limits.keepalive_timeout, max_line_size=limits.max_line_size,
+                           max_field_size=limits.max_field_size, max_headers=limits.max_headers,
+                           shutdown_timeout=limits.shutdown_timeout)
+    await runner.setup()
+    tracker.server = runner.server
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        server = await loop.create_server(tracker.factory, host, port, ssl=ssl_context, backlog=512,
+                                          reuse_address=True,
+                                          ssl_handshake_timeout=limits.header_timeout if ssl_context else None)
+        try:
+            logs.event(log, "listening", address=f"{host or ''}:{port}", tls=ssl_context is not None,
+                       max_connections=limits.max_connections, header_timeout=limits.header_timeout)
+            if ready is not None:
+                ready(tracker)
+            await stop.wait()
+        finally:
+            server.close()
+            for conn in list(tracker.conns.values()):
+                if conn.busy == 0 and conn.transport is not None:
+                    conn.transport.close()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+def serve(app: web.Application, host: str | None, port: int, ssl_context=None, limits: Limits | None = None) -> None:
+    asyncio.run(serve_async(app, host, port, ssl_context, limits))
