@@ -133,7 +133,12 @@ def accepts_gzip(header: str) -> bool:
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    result = await request.app[STATE_KEY].metrics()
+    try:
+        result = await request.app[STATE_KEY].metrics()
+    except Exception as exc:  # noqa: BLE001 - collectors' own failures never get here; this is a bug, say it once
+        logs.event(log, "scrape_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+        log.debug("scrape traceback", exc_info=True)
+        return web.Response(status=500, text=f"scrape failed: {exc}\n")
     headers = {"Content-Type": CONTENT_TYPE, "Vary": "Accept-Encoding"}
     body = result.body
     if accepts_gzip(request.headers.get("Accept-Encoding", "")):

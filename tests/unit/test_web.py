@@ -203,3 +203,21 @@ def test_bad_request_logged_as_one_line_without_traceback():
     out = buf.getvalue()
     assert out.count("\n") == 1 and "Traceback" not in out
     assert "level=warn" in out and "event=bad_request client=127.0.0.1" in out
+
+
+async def test_inconsistent_families_are_a_500_not_a_crash(aiohttp_client):
+    class Clash(StandIn):
+        name = "clash"
+
+        def collect(self):
+            fam = MetricFamily("kvmnet_standin_value", "counter", "The same name with another type.")
+            fam.add(labels(netns=self.netns), 1)
+            return [fam]
+
+    settings = Settings(enabled={"probe": False, "identity": False})
+    service = Service(settings, load(settings),
+                      factories={"standin": lambda ns, s: StandIn(ns), "clash": lambda ns, s: Clash(ns)})
+    client = await aiohttp_client(create_app(service))
+    r = await client.get("/metrics")
+    assert r.status == 500 and "kvmnet_standin_value" in await r.text()
+    assert (await client.get("/healthz")).status == 200
