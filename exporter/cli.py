@@ -13,6 +13,7 @@ import importlib
 import logging
 import platform
 import re
+import signal
 import sys
 
 from . import DEFAULT_PORT, __version__, logs
@@ -136,6 +137,8 @@ def _prober(service_settings: Settings):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A SIGHUP before the event loop installs its reload handler must not kill us (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
