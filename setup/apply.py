@@ -26,6 +26,7 @@ from kvmnet.exporter.sources.netns import NETNS_RUN_DIR, _setns, entered
 
 from . import plan as planmod
 from .plan import LIGHT_DEV, NAT_TABLE, Action, Link, Observed
+from .rtnl import Rtnl
 from .spec import Lab
 from .state import State
 
@@ -114,7 +115,22 @@ class Net:
 
     def __init__(self):
         self._sock: dict[str, IPRoute] = {}
+        self._raw: dict[str, Rtnl] = {}
+        self._nsfd: dict[str, int] = {}
         self._index: dict[str, dict[str, int]] = {}
+
+    def raw(self, ns: str) -> Rtnl:
+        """The lean socket for bulk requests (rtnl.py), also one per namespace."""
+        s = self._raw.get(ns)
+        if s is None:
+            s = self._raw[ns] = Rtnl(ns)
+        return s
+
+    def nsfd(self, ns: str) -> int:
+        if ns not in self._nsfd:
+            path = os.path.join(NETNS_RUN_DIR, ns) if ns else "/proc/thread-self/ns/net"
+            self._nsfd[ns] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return self._nsfd[ns]
 
     def ipr(self, ns: str) -> IPRoute:
         s = self._sock.get(ns)
@@ -132,16 +148,24 @@ class Net:
     def forget(self, ns: str, name: str | None = None) -> None:
         if name is None:
             self._index.pop(ns, None)
-            s = self._sock.pop(ns, None)
-            if s is not None:
-                s.close()
+            for pool in (self._sock, self._raw):
+                s = pool.pop(ns, None)
+                if s is not None:
+                    s.close()
+            fd = self._nsfd.pop(ns, None)
+            if fd is not None:
+                os.close(fd)
         else:
             self._index.get(ns, {}).pop(name, None)
 
     def close(self) -> None:
-        for s in self._sock.values():
+        for s in [*self._sock.values(), *self._raw.values()]:
             s.close()
+        for fd in self._nsfd.values():
+            os.close(fd)
         self._sock.clear()
+        self._raw.clear()
+        self._nsfd.clear()
         self._index.clear()
 
     def __enter__(self):
@@ -295,11 +319,20 @@ class Applier:
         for tap, bridge in self.lab.port_bridges().items():
             self.state.taps[tap] = {"bridge": bridge, "netns": self.lab.host_netns, "lab": self.lab.name}
         self.state.save()
+        skip = False
         for i, act in enumerate(actions):
+            if skip:  # the `up` already done together with the `master` before it
+                skip = False
+                continue
             try:
                 if act.op == "guest_start":
                     self.state.save()  # guests are slow: keep what is done so far on disk
-                getattr(self, "do_" + act.op)(act)
+                nxt = actions[i + 1] if i + 1 < len(actions) else None
+                if act.op == "master" and nxt and (nxt.op, nxt.ns, nxt.name) == ("up", act.ns, act.name):
+                    self.do_master(act, up=True)  # one request instead of two, as `ip link set X master B up`
+                    skip = True
+                else:
+                    getattr(self, "do_" + act.op)(act)
             except Exception as e:
                 msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
                 if isinstance(e, NetlinkError):
@@ -369,13 +402,12 @@ class Applier:
                 raise
         self.record({"op": "route", "ns": a.ns, "dev": a.name, "gateway": a.args["gateway"]})
 
-    def do_master(self, a: Action) -> None:
-        ipr = self.net.ipr(a.ns)
-        ipr.link("set", index=self.net.index(a.ns, a.name), master=self.net.index(a.ns, a.args["bridge"]))
+    def do_master(self, a: Action, up: bool | None = None) -> None:
+        self.net.raw(a.ns).link_set(a.name, master=self.net.index(a.ns, a.args["bridge"]), up=up)
         self.record({"op": "master", "ns": a.ns, "name": a.name})
 
     def do_up(self, a: Action) -> None:
-        self.net.ipr(a.ns).link("set", index=self.net.index(a.ns, a.name), state="up")
+        self.net.raw(a.ns).link_set(a.name, up=True)
 
     def do_light_del(self, a: Action) -> None:
         _ignore_missing(self.net.ipr(a.ns).link, "del", ifname=a.args["device"])
@@ -387,19 +419,17 @@ class Applier:
         x, gns = a.args, a.args["netns"]
         netns_create(gns)
         self.record({"op": "light", "name": gns})
-        g = self.net.ipr(gns)
-        host = a.ns or "/proc/thread-self/ns/net"
-        # Create the pair from inside the guest: its end (with the guest's MAC) stays there, the port goes to the
-        # host namespace, so the address can be set on the guest end with the socket we already hold.
-        g.link("add", ifname=LIGHT_DEV, kind="veth", address=x["mac"], peer={"ifname": x["device"], "net_ns_fd": host})
-        inner = g.link("get", ifname=LIGHT_DEV)[0]["index"]
-        _addr(g, "add", inner, x["address"])
-        g.link("set", index=inner, state="up")
-        g.link("set", index=1, state="up")  # lo is always index 1 in a new namespace
+        g = self.net.raw(gns)
+        # Create the pair from inside the guest: its end (with the guest's MAC, up) stays there at ifindex 2 (lo is
+        # 1 in a new namespace), the port goes to the host namespace; the address then goes on by index, no lookup.
+        g.veth_add(LIGHT_DEV, 2, x["mac"], x["device"], self.net.nsfd(a.ns))
+        g.addr_add(2, x["address"])
+        g.link_up_index(1)
         if x.get("gateway"):
-            g.route("add", dst="0.0.0.0/0", gateway=x["gateway"], oif=inner)
-        h = self.net.ipr(a.ns)
-        h.link("set", index=self.net.index(a.ns, x["device"]), master=self.net.index(a.ns, x["bridge"]), state="up")
+            self.net.ipr(gns).route("add", dst="0.0.0.0/0", gateway=x["gateway"], oif=2)
+        self.net.raw(a.ns).link_set(x["device"], master=self.net.index(a.ns, x["bridge"]), up=True)
+        # Done with this namespace: keep the fd count flat across hundreds of guests.
+        self.net.forget(gns)
 
     def do_nat_add(self, a: Action) -> None:
         x = a.args
@@ -451,7 +481,8 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
                 guests.stop(item["run_dir"], ns)
             elif op in ("netns", "light"):
                 net.forget(item["name"])
-                netns_delete(item["name"])
+                # Nothing runs in a light guest's namespace; skipping the /proc scan keeps `down` fast at scale.
+                netns_delete(item["name"], kill=(op == "netns"))
             elif ns and not netns_exists(ns):
                 continue
             elif op == "link":
