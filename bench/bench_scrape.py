@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -222,8 +223,8 @@ def main() -> None:
     ap.add_argument("--fdb-per-tap", type=int, default=4)
     ap.add_argument("--no-write", action="store_true", help="print, do not write bench/results/scrape.md")
     args = ap.parse_args()
-    log_dir = ROOT / "bench" / "results" / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="kn-bench-logs-"))  # the exporters' stderr, if something goes wrong
+    print(f"logs in {log_dir}")
     node_version = subprocess.run(["prometheus-node-exporter", "--version"], capture_output=True,
                                   text=True)
     node_version = (node_version.stdout + node_version.stderr).splitlines()[0]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -86,6 +87,8 @@ AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
 STP_STATES = ("disabled", "listening", "learning", "forwarding", "blocking")
 FDB_TYPES = ("local", "static", "learned")
 LOCAL, STATIC, LEARNED = 0, 1, 2
+
+log = logging.getLogger("kvmnet.netlink")
 
 _HDR = struct.Struct("=IHHII")         # nlmsghdr
 _IFI = struct.Struct("=BxHiII")        # ifinfomsg
@@ -535,7 +538,7 @@ class NetlinkSource:
         ev.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_LINK)
         ev.setblocking(False)
         self._req, self._ev = req, ev
-        self._resync(want_fdb=False)
+        self._synced_at = float("-inf")  # the caller's _refresh does the first dump
 
     def _check_netns(self) -> None:
         try:
@@ -556,6 +559,7 @@ class NetlinkSource:
         elif time.monotonic() - self._synced_at > self.resync_interval:
             self._resync(want_fdb=self._fdb is not None)
         elif not self._drain_events():
+            log.info("event=netlink_events_overflow netns=%s action=resync", self.netns or '""')
             self._resync(want_fdb=self._fdb is not None)
 
     def _resync(self, want_fdb: bool) -> None:
