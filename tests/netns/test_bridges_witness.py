@@ -280,3 +280,37 @@ def test_churn_never_crashes(netns_factory):
         t.join()
     assert n > 10
     assert_matches_witness(host, collectors)
+
+
+def test_changes_arrive_as_events(netns_factory):
+    """Rename, MAC change, STP toggled, a port moved to another bridge, FDB entries added and removed: all seen on
+    the next scrape without a full dump."""
+    host = netns_factory("kb")
+    no_ipv6(host)
+    for br in ("br0", "br1"):
+        ipn(host, "link", "add", br, "type", "bridge")
+        ipn(host, "link", "set", br, "up")
+    for t in ("ta", "tb", "tc"):
+        ipn(host, "tuntap", "add", "dev", t, "mode", "tap")
+        ipn(host, "link", "set", t, "master", "br0", "up")
+    source = NetlinkSource(host)
+    collectors = [BridgeCollector(host, source=source), FdbCollector(host, source=source)]
+    assert_matches_witness(host, collectors)
+    before = source.resyncs
+
+    ipn(host, "link", "set", "ta", "down")
+    ipn(host, "link", "set", "ta", "name", "renamed")
+    ipn(host, "link", "set", "renamed", "address", "0a:00:00:00:aa:01", "up")
+    ipn(host, "link", "set", "br1", "type", "bridge", "stp_state", "1")
+    ipn(host, "link", "set", "tb", "master", "br1")
+    subprocess.run(["bridge", "-n", host, "fdb", "add", "02:00:00:00:0c:01", "dev", "tc", "master", "static"],
+                   check=True)
+    subprocess.run(["bridge", "-n", host, "fdb", "add", "02:00:00:00:0c:02", "dev", "tc", "master", "static"],
+                   check=True)
+    subprocess.run(["bridge", "-n", host, "fdb", "del", "02:00:00:00:0c:01", "dev", "tc", "master"], check=True)
+    got = assert_matches_witness(host, collectors)
+    assert source.resyncs == before
+    assert value(got, "kvmnet_bridge_info", netns=host, bridge="br1", mac=witness.links(host)["br1"]["address"],
+                 stp="true") == 1
+    assert value(got, "kvmnet_port_fdb_entries", netns=host, bridge="br0", device="tc", type="static") == 1
+    assert value(got, "kvmnet_bridge_ports", netns=host, bridge="br1") == 1
