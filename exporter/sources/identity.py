@@ -9,8 +9,10 @@ QEMU (`/proc/PID/cmdline` of every `qemu-system-*`, `qemu-kvm`):
   from `/proc/PID/fdinfo/27`, whose `iff:` line names the tap. Taps that the command line does not name
   (`-netdev bridge`, `ifname=tap%d`) are found by scanning the process's `/dev/net/tun` descriptors;
 - the MAC from the `-device ...,netdev=n0,mac=...` that uses the netdev (or `-nic tap,...,mac=`);
-- the namespace from `/proc/PID/ns/net`: a tap is created in the namespace of whoever opened it, and QEMU runs
-  where it was started (`ip netns exec seed-host qemu-system-x86_64 ...`).
+- the namespace: for a tap QEMU opened by name, QEMU's own (`/proc/PID/ns/net`: `ifname=` finds the device in the
+  opener's namespace, and QEMU runs where it was started, `ip netns exec seed-host qemu-system-x86_64 ...`); for a
+  tap passed in by descriptor, the descriptor's (TUNGETDEVNETNS on a pidfd_getfd copy; needs CAP_SYS_PTRACE and
+  CAP_NET_ADMIN, else QEMU's own again).
 libvirt: `/run/libvirt/qemu/*.xml` (`<domstatus pid=..><domain><name>`, `<interface><mac address=><target dev=>`).
 Lab file: its guests' `device`, `name` and `mac`, in its `host_netns`.
 
@@ -19,6 +21,8 @@ The /proc scan is cached for `ttl` seconds, shared by all namespaces, and refres
 """
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -28,6 +32,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
+from .. import logs
 from . import netns as nsmod
 
 log = logging.getLogger("kvmnet.identity")
@@ -169,16 +174,19 @@ def parse_fdinfo(text: str) -> str | None:
 
 
 def resolve_taps(args: QemuArgs, fdinfo: Callable[[int], str | None],
-                 tun_fds: Callable[[], list[int]]) -> dict[str, GuestIdentity]:
+                 tun_fds: Callable[[], list[int]], fds: dict[str, int] | None = None) -> dict[str, GuestIdentity]:
     """{tap: identity} of one QEMU process. `fdinfo(fd)` reads a descriptor's tap name; `tun_fds()` lists the
-    process's /dev/net/tun descriptors, used only for netdevs the command line does not name."""
+    process's /dev/net/tun descriptors, used only for netdevs the command line does not name. `fds`, if given,
+    receives {tap: descriptor} for the taps found through a descriptor (their namespace can be asked of it)."""
     out: dict[str, GuestIdentity] = {}
+    fds = {} if fds is None else fds
     unresolved: list[Netdev] = []
     for nd in args.netdevs:
         dev = nd.ifname
         for fd in nd.fds if not dev else ():
             dev = fdinfo(fd) or ""
             if dev:
+                fds[dev] = fd
                 break
         if dev:
             out[dev] = GuestIdentity(args.name, nd.mac, "qemu")
@@ -186,13 +194,14 @@ def resolve_taps(args: QemuArgs, fdinfo: Callable[[int], str | None],
             unresolved.append(nd)
     if unresolved:
         known = {fd for nd in args.netdevs for fd in nd.fds}
-        extra: list[str] = []
+        extra: list[tuple[str, int]] = []
         for fd in sorted(tun_fds()):
             dev = None if fd in known else fdinfo(fd)
-            if dev and dev not in out and dev not in extra:
-                extra.append(dev)
-        for nd, dev in zip(unresolved, extra):  # descriptors are opened in command-line order
+            if dev and dev not in out and dev not in (d for d, _ in extra):
+                extra.append((dev, fd))
+        for nd, (dev, fd) in zip(unresolved, extra):  # descriptors are opened in command-line order
             out[dev] = GuestIdentity(args.name, nd.mac, "qemu")
+            fds[dev] = fd
     return out
 
 
@@ -223,6 +232,42 @@ def parse_domain_xml(text: str) -> Domain | None:
 
 
 # -- the directory ---------------------------------------------------------------------------------------------
+
+TUNGETDEVNETNS = 0x54E3  # _IO('T', 227), <linux/if_tun.h>, Linux 5.2
+_SYS_PIDFD_GETFD = 438   # Linux 5.6, same number on every architecture
+_libc = ctypes.CDLL(None, use_errno=True)
+_tun_ns_warned = False
+
+
+def tap_netns_inode(pid: int, fd: int) -> int | None:
+    """The namespace (nsfs inode) of the tap behind descriptor `fd` of process `pid`, or None if it cannot be
+    asked: a copy of the descriptor (pidfd_getfd: CAP_SYS_PTRACE) and TUNGETDEVNETNS on it (CAP_NET_ADMIN)."""
+    global _tun_ns_warned
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        tfd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if tfd < 0:
+            return None
+        try:
+            nsfd = fcntl.ioctl(tfd, TUNGETDEVNETNS)
+            try:
+                return os.fstat(nsfd).st_ino
+            finally:
+                os.close(nsfd)
+        except OSError as exc:
+            if not _tun_ns_warned:
+                _tun_ns_warned = True
+                logs.event(log, "tap_netns_unknown", error=exc,
+                           hint="taps passed to QEMU by descriptor are placed in QEMU's namespace; "
+                                "asking the descriptor needs CAP_NET_ADMIN")
+            return None
+        finally:
+            os.close(tfd)
+    finally:
+        os.close(pidfd)
 
 def _read(path: str, mode: str = "r") -> str | bytes | None:
     try:
@@ -330,9 +375,15 @@ class GuestDirectory:
             if ino is None:
                 continue
             base = f"{self.proc}/{pid}"
+            fds: dict[str, int] = {}
             taps = resolve_taps(parse_cmdline(argv), lambda fd: parse_fdinfo(_read(f"{base}/fdinfo/{fd}") or ""),
-                                lambda: self._tun_fds(base))
-            out.extend((ino, dev, ident) for dev, ident in taps.items())
+                                lambda: self._tun_fds(base), fds)
+            for dev, ident in taps.items():
+                # A tap passed in by descriptor may live in another namespace than QEMU (libvirt style, or QEMU
+                # started outside the lab's namespace): ask the descriptor. A tap QEMU opened by name is in
+                # QEMU's own namespace.
+                tap_ino = tap_netns_inode(int(pid), fds[dev]) if dev in fds and self.proc == "/proc" else None
+                out.append((tap_ino or ino, dev, ident))
         return out
 
     @staticmethod

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.netns
 FAKE_QEMU = os.path.join(os.path.dirname(__file__), "fake_qemu.py")
 
 
-def start_fake_qemu(netns: str, taps: list[str], qemu_args: list[str], tmp_path) -> subprocess.Popen:
+def start_fake_qemu(netns: str, taps: list[str], qemu_args: list[str], tmp_path,
+                    tap_netns: str | None = None) -> subprocess.Popen:
     """The stand-in QEMU inside `netns`, argv[0] = .../qemu-system-x86_64; returns once its taps exist.
 
     The name is a symlink to the real interpreter (Python finds its library through it; `exec -a` would not)."""
@@ -20,7 +21,8 @@ def start_fake_qemu(netns: str, taps: list[str], qemu_args: list[str], tmp_path)
     if not exe.exists():
         exe.symlink_to(os.path.realpath(sys.executable))
     cmd = ["ip", "netns", "exec", netns, str(exe), FAKE_QEMU, ",".join(taps), *qemu_args]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ, FAKE_QEMU_TAP_NETNS=tap_netns) if tap_netns else None
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert p.stdout.readline().strip() == "ready"
     return p
 
@@ -47,6 +49,21 @@ def test_libvirt_style_fd_resolved_through_fdinfo(netns_factory, tmp_path):
     finally:
         stop(p)
     assert d.lookup(ns) == {}  # the process is gone: so is the mapping (ttl=0)
+
+
+def test_tap_passed_from_another_namespace(netns_factory, tmp_path):
+    """QEMU runs in one namespace, its tap (passed by descriptor) lives in another: the descriptor decides."""
+    qemu_ns, tap_ns = netns_factory("ki"), netns_factory("ki")
+    p = start_fake_qemu(qemu_ns, ["vnet5"], ["-name", "guest=far", "-netdev", "tap,fd=3,id=hostnet0",
+                                            "-device", "virtio-net-pci,netdev=hostnet0,mac=52:54:00:00:00:05"],
+                        tmp_path, tap_netns=tap_ns)
+    try:
+        assert "vnet5" in subprocess.run(["ip", "-n", tap_ns, "link"], capture_output=True, text=True).stdout
+        d = GuestDirectory(ttl=0, background=False)
+        assert d.lookup(tap_ns) == {"vnet5": GuestIdentity("far", "52:54:00:00:00:05", "qemu")}
+        assert d.lookup(qemu_ns) == {}
+    finally:
+        stop(p)
 
 
 def test_named_tap_and_cache(netns_factory, tmp_path):
