@@ -238,23 +238,24 @@ def _light_ok(lab: Lab, g, net: Net, links: dict[str, Link], namespaces: set[str
     gns = lab.guest_netns(g)
     if port is None or port.master != g.bridge or not port.up or gns not in namespaces:
         return False
-    inner = read_links(net.ipr(gns)).get(LIGHT_DEV)
-    return inner is not None and inner.up and str(g.address) in inner.addresses
+    raw = net.raw(gns)  # the lean dump: hundreds of light guests are checked on every `up`
+    try:
+        inner = raw.links().get(LIGHT_DEV)
+        ok = inner is not None and bool(inner[1] & IFF_UP) and (inner[0], str(g.address)) in raw.addresses()
+    finally:
+        net.forget(gns)
+    return ok
 
 
-def guest_dir(lab: str, guest: str, run_root: Path | None = None) -> Path:
+def guest_dir(lab: str, run_root: Path | None = None) -> Path:
+    """Where a lab's QEMU guests keep NAME.pid, NAME.qmp and NAME.log."""
     from .state import RUN_DIR
-    return (run_root or RUN_DIR) / lab / "guests" / guest
+    return (run_root or RUN_DIR) / lab / "guests"
 
 
 def guest_alive(lab: Lab, name: str, run_root: Path | None = None) -> bool:
-    d = guest_dir(lab.name, name, run_root)
-    try:
-        pid = int((d / "qemu.pid").read_text().split()[0])
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, IndexError):
-        return False
-    return b"qemu" in cmd and str(d).encode() in cmd  # a recycled pid is not our guest
+    from . import guests
+    return guests.alive(guest_dir(lab.name, run_root), name)
 
 
 def _run_in(ns: str, argv: list[str], input: str | None = None, check: bool = True):
@@ -457,10 +458,10 @@ class Applier:
     def do_guest_start(self, a: Action) -> None:
         from . import guests
         g = next(g for g in self.lab.guests if g.name == a.name)
-        run_dir = guest_dir(self.lab.name, g.name, self.run_root)
-        self.progress(f"starting QEMU guest {g.name} on {g.tap}")
+        run_dir = guest_dir(self.lab.name, self.run_root)
+        # Recorded first: if QEMU half-starts, the rollback still stops whatever the pidfile names.
         self.record({"op": "guest", "name": g.name, "ns": a.ns, "run_dir": str(run_dir)})
-        guests.start(self.lab, g, run_dir)
+        guests.start(self.lab, g, run_dir, self.progress)
 
 
 # --- undoing ----------------------------------------------------------------------------------------------------
@@ -478,7 +479,7 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
             if op == "guest":
                 from . import guests
                 progress(f"stopping QEMU guest {item['name']}")
-                guests.stop(item["run_dir"], ns)
+                guests.stop(item["run_dir"], item["name"])
             elif op in ("netns", "light"):
                 net.forget(item["name"])
                 # Nothing runs in a light guest's namespace; skipping the /proc scan keeps `down` fast at scale.
@@ -518,6 +519,26 @@ def up(lab: Lab, state: State, force: bool = False, progress: Callable[[str], No
         if not dry_run and actions:
             Applier(lab, net, state, progress, run_root).run(actions)
         return actions
+
+
+def wait_guests(lab: Lab, names: list[str], timeout: float, progress: Callable[[str], None]) -> list[str]:
+    """Ping each started QEMU guest from the host namespace until it answers (a TCG boot takes ~7 s).
+    Returns the problems; a guest whose bridge has no address in its subnet cannot be pinged and is skipped."""
+    from . import qemu
+    bridges = {b.name: b for b in lab.bridges}
+    problems = []
+    end = time.monotonic() + timeout
+    for g in (g for g in lab.guests if g.name in names):
+        br = bridges[g.bridge].address
+        if br is None or g.address.ip not in br.network:
+            continue
+        try:
+            qemu.wait_for_ping(lab.host_netns, str(g.address.ip), max(1.0, end - time.monotonic()),
+                               progress=progress, name=g.name)
+        except TimeoutError as e:
+            log = guest_dir(lab.name) / f"{g.name}.log"
+            problems.append(f"{e} (QEMU runs; its console is in {log})")
+    return problems
 
 
 def down(state: State, progress: Callable[[str], None] = lambda s: None) -> tuple[int, list[str]]:

@@ -52,14 +52,20 @@ def cmd_up(args) -> int:
     from . import apply
     from .state import State
     lab = load_lab(args.config)
-    actions = apply.up(lab, State(lab.name), force=args.force, progress=_progress(args.json))
+    progress = _progress(args.json)
+    actions = apply.up(lab, State(lab.name), force=args.force, progress=progress)
+    started = [a.name for a in actions if a.op == "guest_start"]
+    problems = apply.wait_guests(lab, started, args.wait, progress) if started and args.wait > 0 else []
     if args.json:
-        print(json.dumps({"lab": lab.name, "changed": len(actions), "actions": [a.to_json() for a in actions]}))
+        print(json.dumps({"lab": lab.name, "changed": len(actions), "actions": [a.to_json() for a in actions],
+                          "problems": problems}))
     else:
         for a in actions:
             print(a)
         print(f"lab {lab.name}: {'up, ' + str(len(actions)) + ' change(s)' if actions else 'up, nothing changed'}")
-    return 0
+    for p in problems:
+        print(f"kvmnet-setup: up: {p}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_down(args) -> int:
@@ -87,7 +93,11 @@ def cmd_status(args) -> int:
 
 def cmd_image(args) -> int:
     from . import image
-    img = image.ensure_image(progress=_progress(args.json))
+    try:
+        img = image.ensure_image(progress=_progress(args.json))
+    except image.ImageError as e:
+        print(f"kvmnet-setup: image: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"kernel": str(img.kernel), "initrd": str(img.initrd)}))
     else:
@@ -110,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         if name in ("plan", "up"):
             s.add_argument("--force", action="store_true",
                            help="move the uplink's addresses even if it carries the default route")
+        if name == "up":
+            s.add_argument("--wait", type=float, default=120, metavar="SECONDS",
+                           help="wait this long for started QEMU guests to answer ping (0: do not wait)")
     args = p.parse_args(argv)
     from .apply import ApplyError
     from .plan import Refused

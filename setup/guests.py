@@ -4,12 +4,9 @@ bridge through kvmnet-ifup / kvmnet-ifdown as its script= / downscript=, as in t
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
-
-from kvmnet.exporter.sources.netns import entered
 
 from .spec import Guest, Lab, resolve_image
 
@@ -26,31 +23,46 @@ def hook(name: str) -> str:
 
 
 def start(lab: Lab, g: Guest, run_dir: Path, progress=lambda s: None) -> int:
-    from . import qemu
+    """Start g's QEMU (daemonized) in the lab's host namespace; returns its pid. QEMU's own error is raised as
+    qemu.QemuError with one line."""
+    from . import image, qemu
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    accel = g.accel if g.accel != "auto" else qemu.detect_accel()
-    disk = resolve_image(lab, g)
+    accel = qemu.resolve_accel(g.accel)
     tap = lab.tap(g.tap)
-    # The hooks find the bridge from taps.json; KVMNET_BRIDGE makes it certain for this QEMU's own hook calls.
-    env = dict(os.environ, KVMNET_BRIDGE=g.bridge, KVMNET_LAB=lab.name)
-    with entered(lab.host_netns):  # fork() copies this thread's namespace: QEMU starts inside the lab's host
-        return qemu.start(g, tap=g.tap, mac=g.mac, ifup=hook("kvmnet-ifup"), ifdown=hook("kvmnet-ifdown"),
-                          run_dir=run_dir, accel=accel, disk=disk, multi_queue=tap.multi_queue,
-                          vnet_hdr=tap.vnet_hdr, env=env, progress=progress)
+    disk = resolve_image(lab, g)
+    boot: dict = {}
+    if disk is not None:
+        boot = {"disk": disk, "disk_format": qemu.disk_format(disk)}
+    else:
+        img = image.ensure_image(progress=progress)
+        boot = {"kernel": img.kernel, "initrd": img.initrd,
+                "append": qemu.guest_append(str(g.address), str(g.gateway) if g.gateway else None, g.name)}
+    argv = qemu.build_command(name=g.name, tap=g.tap, mac=g.mac, run_dir=run_dir, accel=accel, memory=g.memory,
+                              cpus=g.cpus, ifup=hook("kvmnet-ifup"), ifdown=hook("kvmnet-ifdown"),
+                              multi_queue=tap.multi_queue, vnet_hdr=tap.vnet_hdr, **boot)
+    progress(f"starting QEMU guest {g.name} ({accel}) on {g.tap}")
+    # The hooks find the bridge in taps.json; KVMNET_BRIDGE makes it certain for this QEMU's own hook calls.
+    return qemu.start(argv, netns=lab.host_netns, env={"KVMNET_BRIDGE": g.bridge})
 
 
-def stop(run_dir: str | Path, ns: str = "") -> None:
+def alive(run_dir: str | Path, name: str) -> bool:
     from . import qemu
-    with entered(ns if ns and os.path.exists(f"/run/netns/{ns}") else ""):
-        qemu.stop(Path(run_dir))
+    return qemu.pid_alive(run_dir, name) is not None
 
 
-def status(run_dir: Path) -> dict:
-    """{"running": bool, "detail": str}: the QMP answer when QEMU is alive."""
+def stop(run_dir: str | Path, name: str) -> str:
+    from . import qemu
+    # powerdown=False: the tiny guest has nothing to flush, and `down` of many guests should not wait on ACPI.
+    return qemu.stop(run_dir, name, powerdown=False)
+
+
+def status(run_dir: Path, name: str) -> dict:
+    """{"running": bool, "detail": str}: QMP's query-status when QEMU is alive."""
     from . import qemu
     try:
-        st = qemu.status(Path(run_dir))
+        st = qemu.status(run_dir, name)
     except Exception as e:  # status must show the lab even when one guest is odd
         return {"running": False, "detail": f"error: {e}"}
-    return {"running": bool(st.get("running")), "detail": st.get("detail") or st.get("status") or ""}
+    return {"running": bool(st.get("alive")), "detail": f"pid {st['pid']} qmp {st['status']}" if st.get("alive")
+            else st.get("status", "")}

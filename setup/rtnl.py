@@ -17,8 +17,8 @@ import struct
 from kvmnet.exporter.sources.netns import entered
 
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-NLMSG_ERROR = 2
-RTM_NEWLINK, RTM_NEWADDR = 16, 20
+NLMSG_ERROR, NLMSG_DONE, NLM_F_DUMP = 2, 3, 0x300
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 10, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
@@ -76,6 +76,55 @@ class Rtnl:
                         raise NetlinkError(code, os.strerror(code))
                     return
                 off += (length + 3) & ~3
+
+    def _dump(self, msg_type: int, body: bytes):
+        """Yield (type, payload) of every message in a dump."""
+        self.seq += 1
+        self.sock.send(struct.pack("IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + body)
+        while True:
+            data = self.sock.recv(1 << 20)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, _, seq, _ = struct.unpack_from("IHHII", data, off)
+                if seq == self.seq:
+                    if kind == NLMSG_DONE:
+                        return
+                    if kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("i", data, off + 16)[0]
+                        raise NetlinkError(code, os.strerror(code))
+                    yield kind, data[off + 16:off + length]
+                off += (length + 3) & ~3
+
+    @staticmethod
+    def _attrs(data: bytes, off: int) -> dict[int, bytes]:
+        out = {}
+        while off + 4 <= len(data):
+            n, kind = struct.unpack_from("HH", data, off)
+            if n < 4:
+                break
+            out[kind & 0x3FFF] = data[off + 4:off + n]
+            off += (n + 3) & ~3
+        return out
+
+    def links(self) -> dict[str, tuple[int, int]]:
+        """name -> (ifindex, flags)."""
+        out = {}
+        for _, p in self._dump(RTM_GETLINK, _ifinfo()):
+            _, _, index, flags, _ = struct.unpack_from("BxHiII", p)
+            name = self._attrs(p, 16).get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace")
+            out[name] = (index, flags)
+        return out
+
+    def addresses(self) -> list[tuple[int, str]]:
+        """(ifindex, "ip/prefixlen") for every address."""
+        out = []
+        for _, p in self._dump(RTM_GETADDR, struct.pack("BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0)):
+            fam, plen, _, _, index = struct.unpack_from("BBBBI", p)
+            a = self._attrs(p, 8)
+            raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
+            if raw:
+                out.append((index, f"{ipaddress.ip_address(raw)}/{plen}"))
+        return out
 
     def link_set(self, name: str, master: int | None = None, up: bool | None = None) -> None:
         # ifi_index 0 + IFLA_IFNAME: the kernel finds the device by name, no index lookup round trip.

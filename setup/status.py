@@ -53,7 +53,7 @@ def collect(lab: Lab) -> dict:
             row["detail"] = f"netns {lab.guest_netns(g)}"
         else:
             from . import guests
-            st = guests.status(guest_dir(lab.name, g.name))
+            st = guests.status(guest_dir(lab.name), g.name)
             row["running"], row["detail"] = st.get("running", False), st.get("detail", "")
         out["guests"].append(row)
     return out
