@@ -7,9 +7,6 @@ loopback through its prober (CAP_NET_RAW as non-root), and run its HEALTHCHECK c
 """
 import json
 import os
-import re
-import shlex
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -19,21 +16,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(ROOT, "deploy", "build-wheel-venv.sh")
-IMAGE_VENV = "/opt/kvmnet"
+from tests.e2e.wheelvenv import IMAGE_VENV, build, dockerfile, in_venv, instruction, script_steps
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root for setcap and setpriv"),
               pytest.mark.timeout(300)]
-
-
-def dockerfile() -> str:
-    text = open(os.path.join(ROOT, "Dockerfile")).read()
-    return re.sub(r"\\\n\s*", " ", text)  # join continuation lines
-
-
-def instruction(text: str, name: str) -> list[str]:
-    return [m.group(1).strip() for m in re.finditer(rf"^{name}\s+(.*)$", text, re.M)]
 
 
 def free_port() -> int:
@@ -44,19 +30,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def venv():
-    base = tempfile.mkdtemp(prefix="kvmnet-wheel-", dir="/tmp")
-    os.chmod(base, 0o755)  # the non-root user must reach the venv, as in the image
-    path = os.path.join(base, "kvmnet")
-    env = dict(os.environ)
-    if os.path.exists("/usr/bin/python3"):  # a system interpreter the non-root user can run (not one under /root)
-        env["PYTHON"] = "/usr/bin/python3"
-    steps = [shlex.split(r) for r in instruction(dockerfile(), "RUN") if "build-wheel-venv.sh" in r]
-    assert [s[:2] for s in steps] == [["build-wheel-venv.sh", "build"], ["build-wheel-venv.sh", "caps"]], steps
-    for step in steps:
-        args = [ROOT if a == "/src" else path if a == IMAGE_VENV else a for a in step[1:]]
-        subprocess.run([SCRIPT, *args], check=True, env=env, capture_output=True, text=True)
-    yield path
-    shutil.rmtree(base, ignore_errors=True)
+    assert [s[:2] for s in script_steps()] == [["build-wheel-venv.sh", "build"], ["build-wheel-venv.sh", "caps"]]
+    return build()
 
 
 def as_container_user(argv: list[str]) -> list[str]:
@@ -70,7 +45,7 @@ def image_cmd(venv: str, name: str) -> list[str]:
     value = instruction(dockerfile(), name)[0]
     if name == "HEALTHCHECK":
         value = value.split(" CMD ", 1)[1]
-    return [venv + a[len(IMAGE_VENV):] if a.startswith(IMAGE_VENV) else a for a in json.loads(value)]
+    return in_venv(venv, json.loads(value))
 
 
 def test_dockerfile_shape():
