@@ -44,6 +44,11 @@ def paths(run_dir: str | Path, name: str) -> dict[str, Path]:
     return {"pid": run_dir / f"{name}.pid", "qmp": run_dir / f"{name}.qmp", "log": run_dir / f"{name}.log"}
 
 
+def _opt(value: str | Path) -> str:
+    """A value inside a QEMU option string (file=...,if=none): QEMU reads ",," as a literal comma."""
+    return str(value).replace(",", ",,")
+
+
 def guest_append(address: str | None = None, gateway: str | None = None, name: str | None = None) -> str:
     """The tiny guest's kernel command line: its /init reads kvmnet.ip/gw/name (setup/image.py)."""
     # quiet: serial output is slow under TCG. panic=-1 with -no-reboot: a guest that panics exits QEMU.
@@ -75,9 +80,9 @@ def build_command(*, name: str, tap: str, mac: str, run_dir: str | Path, accel: 
     if accel == "kvm":
         argv += ["-cpu", "host"]
     argv += ["-m", str(memory), "-smp", str(cpus), "-no-user-config", "-nodefaults", "-display", "none",
-             "-serial", f"file:{p['log']}", "-no-reboot"]
+             "-serial", f"file:{_opt(p['log'])}", "-no-reboot"]
     if disk is not None:
-        argv += ["-drive", f"file={disk},if=none,cache=writeback,id={DISK_ID},media=disk,format={disk_format}",
+        argv += ["-drive", f"file={_opt(disk)},if=none,cache=writeback,id={DISK_ID},media=disk,format={disk_format}",
                  "-device", f"virtio-blk-pci,drive={DISK_ID},id=virtio-{DISK_ID},bootindex=1"]
     else:
         argv += ["-kernel", str(kernel)]
@@ -85,7 +90,7 @@ def build_command(*, name: str, tap: str, mac: str, run_dir: str | Path, accel: 
             argv += ["-initrd", str(initrd)]
         if append:
             argv += ["-append", append]
-    netdev = f"tap,id={NETDEV_ID},ifname={tap},script={ifup},downscript={ifdown}"
+    netdev = f"tap,id={NETDEV_ID},ifname={tap},script={_opt(ifup)},downscript={_opt(ifdown)}"
     netdev += f",vnet_hdr={'on' if vnet_hdr else 'off'},vhost={'on' if vhost else 'off'}"
     nic = f"virtio-net-pci,netdev={NETDEV_ID},id=nic0,mac={mac}"
     if multi_queue:
@@ -95,7 +100,7 @@ def build_command(*, name: str, tap: str, mac: str, run_dir: str | Path, accel: 
         netdev += f",queues={queues}"
         nic += f",mq=on,vectors={2 * queues + 2}"
     argv += ["-netdev", netdev, "-device", nic]
-    argv += ["-qmp", f"unix:{p['qmp']},server=on,wait=off", "-daemonize", "-pidfile", str(p["pid"])]
+    argv += ["-qmp", f"unix:{_opt(p['qmp'])},server=on,wait=off", "-daemonize", "-pidfile", str(p["pid"])]
     return argv
 
 
@@ -285,32 +290,63 @@ _PROBE_EXIT = 33
 _accel_cache: str | None = None
 
 
-def _probe_kvm(qemu: str = QEMU, timeout: float = 15.0) -> tuple[bool, str]:
-    if not os.path.exists("/dev/kvm"):
-        return False, "no /dev/kvm"
+def _run_probe(argv: list[str], timeout: float) -> tuple[int | None, str]:
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
-        os.close(fd)
-    except OSError as e:
-        return False, f"/dev/kvm: {e.strerror}"
-    import tempfile
-    with tempfile.NamedTemporaryFile(prefix="kvmnet-probe-", suffix=".img") as img:
-        img.write(_PROBE_SECTOR)
-        img.flush()
-        argv = [qemu, "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "32M", "-nodefaults",
-                "-no-user-config", "-display", "none", "-serial", "none", "-monitor", "none",
-                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-                "-drive", f"file={img.name},format=raw,if=ide"]
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return False, f"a KVM guest did not run its boot sector within {timeout:.0f}s"
-        except FileNotFoundError:
-            return False, f"{qemu} not found"
-    if p.returncode == _PROBE_EXIT:
-        return True, "KVM ran a test guest"
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, ""
     lines = p.stderr.strip().splitlines()
-    return False, f"QEMU -accel kvm: {lines[-1] if lines else f'exit status {p.returncode}'}"
+    return p.returncode, lines[-1] if lines else f"exit status {p.returncode}"
+
+
+def _probe_kvm(qemu: str = QEMU, timeout: float = 20.0, accel: str = "kvm", cpu: str = "host") -> tuple[bool, str]:
+    """Does KVM run a Linux guest here? Returns (yes, why).
+
+    Two steps, because a nested PVM /dev/kvm passes the easy test and fails the real one: with -cpu qemu64 it runs
+    a boot sector but a Linux kernel never prints a line, and -cpu host fails at once. So: a boot sector first
+    (fails fast), then the tiny guest's kernel must reach its init's "ready" line on the serial port.
+    accel and cpu are for testing the probe itself (accel="tcg" must pass; cpu="qemu64" fails on PVM hosts).
+    """
+    import tempfile
+    from . import image as _image
+    if accel == "kvm":
+        if not os.path.exists("/dev/kvm"):
+            return False, "no /dev/kvm"
+        try:
+            os.close(os.open("/dev/kvm", os.O_RDWR))
+        except OSError as e:
+            return False, f"/dev/kvm: {e.strerror}"
+    base = [qemu, "-machine", "pc", "-accel", accel, "-cpu", cpu, "-nodefaults", "-no-user-config",
+            "-display", "none", "-monitor", "none", "-no-reboot"]
+    with tempfile.TemporaryDirectory(prefix="kvmnet-probe-") as tmp:
+        sector = Path(tmp) / "boot.img"
+        sector.write_bytes(_PROBE_SECTOR)
+        rc, msg = _run_probe(base + ["-m", "32M", "-serial", "none",
+                                     "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+                                     "-drive", f"file={sector},format=raw,if=ide"], timeout)
+        if rc != _PROBE_EXIT:
+            return False, f"QEMU -accel {accel} -cpu {cpu}: {msg or f'no boot sector run within {timeout:.0f}s'}"
+        try:
+            img = _image.ensure_image(progress=lambda s: None)
+        except _image.ImageError as e:
+            return False, f"cannot build the tiny guest to test KVM with: {e}"
+        log = Path(tmp) / "serial.log"
+        proc = subprocess.Popen(base + ["-m", "128M", "-serial", f"file:{log}", "-kernel", str(img.kernel),
+                                        "-initrd", str(img.initrd), "-append", guest_append(name="kvmprobe")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        end = time.monotonic() + timeout
+        ready = False
+        while time.monotonic() < end and proc.poll() is None:
+            if log.exists() and b"kvmnet-guest: ready" in log.read_bytes():
+                ready = True
+                break
+            time.sleep(0.1)
+        proc.kill()
+        _, err = proc.communicate()
+    if ready:
+        return True, f"{accel} booted the tiny guest"
+    last = err.decode(errors="replace").strip().splitlines()
+    return False, f"a Linux guest under {accel} -cpu {cpu} did not boot within {timeout:.0f}s" + (f": {last[-1]}" if last else "")
 
 
 def _cache_file() -> Path:
