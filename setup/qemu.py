@@ -269,7 +269,8 @@ def stop(run_dir: str | Path, name: str, timeout: float = 10.0, powerdown: bool 
                 else:
                     os.kill(pid, signal.SIGTERM if step == "sigterm" else signal.SIGKILL)
             except (OSError, QemuError, ValueError):
-                pass  # the QMP socket may already be gone; the next step decides
+                # The QMP socket may be gone (or QEMU just exited): no point waiting on a request never made.
+                wait = 0.2
             if _wait_gone(pid, wait):
                 how = step
                 break
@@ -415,7 +416,7 @@ def wait_for_ping(netns: str, address: str, timeout: float = 60.0,
         if waited >= timeout:
             raise TimeoutError(f"guest {label} ({address}) did not answer ping within {timeout:.0f}s")
         if progress and waited - last_report >= 1.0:
-            progress(f"guest {label}: waiting for ping ({waited:.0f}s)")
+            progress(f"guest {label}: waiting for ping ({int(waited)}s)")
             last_report = waited
         # ping -W1 waits a second for a reply; an instant failure (no route yet) should not spin.
         time.sleep(max(0.0, 0.5 - (time.monotonic() - attempt)))
