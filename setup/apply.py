@@ -177,27 +177,15 @@ class Net:
 
 # --- observing --------------------------------------------------------------------------------------------------
 
-def read_links(ipr: IPRoute) -> dict[str, Link]:
-    raw = list(ipr.get_links())
-    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in raw}
-    out: dict[str, Link] = {}
-    for m in raw:
-        name = m.get_attr("IFLA_IFNAME")
-        info = m.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info else ""
-        bridge = None
-        if kind == "bridge":
-            data = info.get_attr("IFLA_INFO_DATA")
-            bridge = {k: data.get_attr("IFLA_BR_" + k.upper()) for k in
-                      ("stp_state", "forward_delay", "hello_time", "max_age", "priority")}
-        master = m.get_attr("IFLA_MASTER")
-        out[name] = Link(name, kind or "", names.get(master) if master else None, bool(m["flags"] & IFF_UP))
-        out[name].bridge = bridge
-    for a in ipr.get_addr():
-        dev = names.get(a["index"])
-        ip = a.get_attr("IFA_ADDRESS")
-        if dev in out and ip and not ip.startswith("fe80:"):
-            out[dev].addresses.append(f"{ip}/{a['prefixlen']}")
+def read_links(raw: Rtnl) -> dict[str, Link]:
+    details = raw.link_details()
+    names = {d["index"]: d["name"] for d in details}
+    out = {d["name"]: Link(d["name"], d["kind"], names.get(d["master"]), bool(d["flags"] & IFF_UP), [], d["bridge"])
+           for d in details}
+    for index, address in raw.addresses():
+        dev = names.get(index)
+        if dev in out and not address.startswith("fe80:"):
+            out[dev].addresses.append(address)
     return out
 
 
@@ -217,9 +205,8 @@ def observe(lab: Lab, net: Net, run_root: Path | None = None) -> Observed:
     for ns in ({host, lab.lan_netns} - {""}) | ({""} if lab.mode == "host" else set()):
         if ns and ns not in obs.namespaces:
             continue
-        ipr = net.ipr(ns)
-        obs.links[ns] = read_links(ipr)
-        obs.default_dev[ns], obs.default_gw[ns] = default_route(ipr, obs.links[ns])
+        obs.links[ns] = read_links(net.raw(ns))
+        obs.default_dev[ns], obs.default_gw[ns] = default_route(net.ipr(ns), obs.links[ns])
     links = obs.links.get(host, {})
     for g in lab.guests:
         if g.kind == "netns":

@@ -115,6 +115,25 @@ class Rtnl:
             out[name] = (index, flags)
         return out
 
+    def link_details(self) -> list[dict]:
+        """Per link: index, name, flags, master (index or 0), kind, and for a bridge its STP options."""
+        out = []
+        for _, p in self._dump(RTM_GETLINK, _ifinfo()):
+            _, _, index, flags, _ = struct.unpack_from("BxHiII", p)
+            a = self._attrs(p, 16)
+            info = self._attrs(a.get(IFLA_LINKINFO, b""), 0)
+            kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
+            bridge = None
+            if kind == "bridge":
+                d = self._attrs(info.get(IFLA_INFO_DATA, b""), 0)
+                u32 = lambda k: struct.unpack("I", d[k])[0] if k in d else None  # noqa: E731
+                bridge = {"forward_delay": u32(1), "hello_time": u32(2), "max_age": u32(3), "stp_state": u32(5),
+                          "priority": struct.unpack("H", d[6])[0] if 6 in d else None}  # IFLA_BR_* of if_link.h
+            out.append({"index": index, "flags": flags, "kind": kind, "bridge": bridge,
+                        "name": a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
+                        "master": struct.unpack("I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0})
+        return out
+
     def addresses(self) -> list[tuple[int, str]]:
         """(ifindex, "ip/prefixlen") for every address."""
         out = []

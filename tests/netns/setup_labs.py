@@ -89,3 +89,15 @@ def addrs(netns: str, dev: str) -> list[str]:
         if l["ifname"] == dev:
             return [f"{a['local']}/{a['prefixlen']}" for a in l.get("addr_info", []) if a.get("scope") != "link"]
     raise KeyError(dev)
+
+
+def ping(netns: str, ip: str, timeout: float = 10.0) -> None:
+    """Ping until one answer (ports need a moment to reach forwarding on a loaded machine); raise if none."""
+    import time
+    end = time.monotonic() + timeout
+    while True:
+        p = subprocess.run(["ip", "netns", "exec", netns, "ping", "-c1", "-W1", ip], capture_output=True, text=True)
+        if p.returncode == 0:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"{ip} does not answer from {netns}: {p.stdout.strip().splitlines()[-1:]}")

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from tests import witness
-from tests.netns.setup_labs import RUN_DIR, Labs, addrs, cli, netns_list
+from tests.netns.setup_labs import RUN_DIR, Labs, addrs, cli, netns_list, ping
 
 pytestmark = pytest.mark.netns
 
@@ -62,7 +62,7 @@ def test_up_builds_what_iproute2_shows(labs):
     assert addrs(f"{d['name']}-g1", "eth0") == ["192.168.98.21/24"]
     # The LAN peer reaches the light guests through eth1 -> br0 -> g1h, as the seed's LAN reaches vm1.
     for ip in ("192.168.98.21", "192.168.98.22", "192.168.98.100"):
-        witness.run(lan, "ping", "-c1", "-W2", ip)
+        ping(lan, ip)
 
     st = json.loads((RUN_DIR / d["name"] / "taps.json").read_text())
     assert st["t0"] == {"bridge": "br0", "netns": host, "lab": d["name"]}
@@ -101,7 +101,7 @@ def test_up_repairs_only_the_difference(labs):
         ("master", "t1"), ("light_add", "g1"), ("light_del", "g2"), ("light_add", "g2")]
     assert witness.bridge_ports(host)["t1"]["master"] == "br0"
     for ip in ("192.168.98.21", "192.168.98.22"):
-        witness.run(d["namespaces"]["lan"], "ping", "-c1", "-W2", ip)
+        ping(d["namespaces"]["lan"], ip)
 
 
 def test_down_leaves_nothing(labs):
@@ -232,16 +232,16 @@ def test_nat_one_way(labs):
     host, wan, g1 = d["namespaces"]["host"], d["namespaces"]["lan"], f"{d['name']}-g1"
     assert addrs(host, "wan0") == ["203.0.113.1/24"]           # routed: the uplink keeps its address
     assert "master" not in witness.bridge_ports(host).get("wan0", {})
-    witness.run(g1, "ping", "-c1", "-W2", "203.0.113.2")        # the guest reaches the WAN peer
+    ping(g1, "203.0.113.2")        # the guest reaches the WAN peer
     # Masqueraded: the WAN peer saw the host's address, not 10.0.0.11.
     conn = subprocess.run(["ip", "netns", "exec", host, "nft", "list", "table", "inet", "kvmnet"],
                           capture_output=True, text=True, check=True).stdout
     assert "masquerade" in conn
     assert json.loads(cli("up", "-c", str(f), "--json", check=True).stdout)["changed"] == 0
     # The WAN peer cannot reach the guest, even with a route to the guests' subnet.
-    assert witness.run(wan, "ping", "-c1", "-W1", "10.0.0.11", check=False).returncode != 0
+    assert witness.run(wan, "ping", "-c2", "-W1", "10.0.0.11", check=False).returncode != 0
     subprocess.run(["ip", "-n", wan, "route", "add", "10.0.0.0/24", "via", "203.0.113.1"], check=True)
-    assert witness.run(wan, "ping", "-c1", "-W1", "10.0.0.11", check=False).returncode != 0
-    witness.run(g1, "ping", "-c1", "-W2", "203.0.113.2")
+    assert witness.run(wan, "ping", "-c2", "-W1", "10.0.0.11", check=False).returncode != 0
+    ping(g1, "203.0.113.2")
     cli("down", "-c", str(f), check=True)
     assert not {host, wan, g1} & netns_list()
