@@ -19,9 +19,9 @@ Two collectors over one shared `NetlinkSource` per namespace, so operators can d
     kvmnet_port_fdb_entries{netns="lab",bridge="br0",device="vm1eth0",type="learned"} 1
     kvmnet_bridge_fdb_entries{netns="lab",bridge="br0",type="local"} 3
 
-Samples come sorted by bridge, then device (the snapshot's order), so output is stable. `include`/`exclude` are
-searched (re.search) in device names, bridges and ports alike: an excluded bridge loses its kvmnet_bridge_* series,
-its ports are judged by their own names; kvmnet_bridge_ports always counts every port.
+Samples come sorted by bridge, then device (the snapshot's order), so output is stable. `include`/`exclude`
+(`--device.include/exclude`) are searched (re.search) in bridge port names only; bridges are always reported, and
+kvmnet_bridge_ports and kvmnet_bridge_fdb_entries always count every port.
 """
 from __future__ import annotations
 
@@ -142,15 +142,14 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
     up_l, flaps_l, stp_l, info_l = up.lines, flaps.lines, stp.lines, info.lines
     seen_p, seen_b = set(), set()
     for br in snap.bridges:
-        if keep(br.name):
-            counters, up_p, ports_p, binfo = rows.bridge(ns, br)
-            seen_b.add((ns, br.name, br.mac, br.stp_enabled))
-            st = br.stats
-            for lines, prefix, i in zip(bc_lines, counters, idx):
-                lines.append(prefix + str(st[i]))
-            br_up.lines.append(up_p + ("1" if br.up else "0"))
-            br_ports.lines.append(ports_p + str(len(br.ports)))
-            br_info.lines.append(binfo)
+        counters, up_p, ports_p, binfo = rows.bridge(ns, br)  # always: the device filter is for ports
+        seen_b.add((ns, br.name, br.mac, br.stp_enabled))
+        st = br.stats
+        for lines, prefix, i in zip(bc_lines, counters, idx):
+            lines.append(prefix + str(st[i]))
+        br_up.lines.append(up_p + ("1" if br.up else "0"))
+        br_ports.lines.append(ports_p + str(len(br.ports)))
+        br_info.lines.append(binfo)
         for p in br.ports:
             if not keep(p.name):
                 continue
@@ -195,7 +194,7 @@ def fdb_families(snap: BridgeSnapshot, keep: Callable[[str], bool] = lambda _n: 
         return row
 
     for br in snap.bridges:
-        if keep(br.name) and br.fdb is not None:
+        if br.fdb is not None:
             pre = prefixes(bridge.name, br.name, None)
             f = br.fdb
             bridge.lines += (pre[0] + str(f.local), pre[1] + str(f.static), pre[2] + str(f.learned))

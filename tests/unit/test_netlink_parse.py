@@ -175,7 +175,9 @@ def test_include_exclude():
     text = render(bridge_families(snap, keep=keep) + fdb_families(snap, keep=keep)).decode()
     devices = set(re.findall(r'device="([^"\\]*(?:\\.[^"\\]*)*)"', text))
     assert devices == {"vm0", 'vm\\"2\\\\é'}
-    assert "kvmnet_bridge_ports{" not in text  # br0/br1 do not match ^vm
+    # Bridges are always reported (the filter is for ports), and count every port.
+    assert 'kvmnet_bridge_ports{netns="lab",bridge="br0"} 4' in text
+    assert 'kvmnet_bridge_fdb_entries{netns="lab",bridge="br0",type="static"} 4' in text
 
 
 def test_rows_cache_is_reused_and_pruned():
