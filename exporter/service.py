@@ -224,7 +224,11 @@ class Service:
 
     async def start(self) -> None:
         if self.prober is not None and hasattr(self.prober, "start"):
-            await self.prober.start(self.loaded)
+            try:
+                await self.prober.start(self.loaded)
+            except Exception as exc:  # noqa: BLE001 - without its prober the exporter still serves bridges
+                logs.event(log, "prober_start_failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+                log.debug("prober traceback", exc_info=True)
 
     async def stop(self) -> None:
         if self.prober is not None and hasattr(self.prober, "stop"):

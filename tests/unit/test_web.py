@@ -221,3 +221,36 @@ async def test_inconsistent_families_are_a_500_not_a_crash(aiohttp_client):
     r = await client.get("/metrics")
     assert r.status == 500 and "kvmnet_standin_value" in await r.text()
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_prober_lifecycle_and_a_failing_start(aiohttp_client):
+    class Prober:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.events = fail, []
+
+        async def start(self, loaded):
+            self.events.append("start")
+            if self.fail:
+                raise PermissionError("no CAP_NET_RAW")
+
+        async def stop(self):
+            self.events.append("stop")
+
+        def reconfigure(self, loaded):
+            self.events.append("reconfigure")
+
+        def collectors(self):
+            return [StandIn("")]
+
+    for fail in (False, True):
+        p = Prober(fail)
+        settings = Settings(enabled={"identity": False})
+        service = Service(settings, load(settings), factories={}, prober=p)
+        client = await aiohttp_client(create_app(service, reload=lambda: load(settings)))
+        assert p.events == ["start"]
+        assert (await client.post("/-/reload")).status == 200
+        assert p.events == ["start", "reconfigure"]
+        fams = families(await (await client.get("/metrics")).text())
+        assert sample(fams, "kvmnet_standin_value") == 42  # the prober's collectors are scraped
+        await client.close()
+        assert p.events == ["start", "reconfigure", "stop"]
