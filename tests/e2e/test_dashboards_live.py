@@ -1,0 +1,460 @@
+"""Dashboards and alerts proven live: Debian's Prometheus scrapes the real kvmnet-exporter watching a lab, every second.
+
+The lab (namespaces built here with `ip`, uniquely named, removed afterwards):
+
+    host namespace: br0 10.77.0.1/24
+      kdp1 -- gok    10.77.0.11  light guest (its own namespace, veth): the control, never touched
+      kdp2 -- gdown  10.77.0.12  light guest: its namespace is deleted            -> KvmnetGuestDown
+      kdp3 -- gloss  10.77.0.13  light guest: 30% loss (netem, else nftables)     -> KvmnetGuestPacketLoss
+      tapk -- vmk    10.77.0.21  tap held by tap_guest.py (a QEMU-like process that answers ARP and ping): killed
+                                                                                 -> KvmnetTapCarrierLost (+ GuestDown)
+      taps -- vms    10.77.0.22  tap guest: 100ms delay (netem, else the guest answers late)
+                                                                                 -> KvmnetGuestLatencyHigh
+      tapf -- vmf    10.77.0.23  tap guest: sends from 40 made-up MACs          -> KvmnetPortMacFlood
+    a second watched namespace, deleted                                           -> KvmnetCollectorFailing
+    the exporter itself, killed last                                              -> KvmnetExporterDown
+
+The exporter gets a lab file naming the guests (identity and probe targets) and a config watching the second
+namespace. Prometheus loads dashboards/*.rules.yml as they are, scrape and evaluation interval 1s.
+
+1. Every query of every dashboard panel runs with its variables resolved as Grafana resolves them and returns data.
+2. Through a baseline of BASELINE seconds (the latency rule compares with the guest's own history) nothing is
+   pending or firing.
+3. All faults at once, each on its own guest; each raises its own alert naming the right guest or device within
+   the rule's window, and nothing else fires; the time to fire of each is printed (run with -s) and asserted.
+4. The exporter is killed: KvmnetExporterDown.
+Netem is not built into every kernel (CONFIG_NET_SCH_NETEM); without it loss comes from an nftables rule dropping
+30% of echo requests in the guest, and delay from the guest answering 100 ms late.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import delete_netns, unique_name
+
+pytestmark = [pytest.mark.prometheus, pytest.mark.netns, pytest.mark.timeout(1500)]
+
+ROOT = Path(__file__).resolve().parents[2]
+DASH = ROOT / "dashboards"
+TAP_GUEST = Path(__file__).resolve().parent / "tap_guest.py"
+PROMETHEUS = shutil.which("prometheus")
+BASELINE = 200          # seconds of healthy history before the faults (see KvmnetGuestLatencyHigh)
+LOOKBACK = 240          # the range the dashboard queries cover, as a Grafana time range "last 4 minutes"
+SCRAPE = 1              # seconds: the datasource's scrape interval setting in Grafana
+
+LIGHT = [("gok", "kdp1", "10.77.0.11", "02:00:00:77:00:11"),
+         ("gdown", "kdp2", "10.77.0.12", "02:00:00:77:00:12"),
+         ("gloss", "kdp3", "10.77.0.13", "02:00:00:77:00:13")]
+TAPS = [("vmk", "tapk", "10.77.0.21", "02:00:00:77:00:21"),
+        ("vms", "taps", "10.77.0.22", "02:00:00:77:00:22"),
+        ("vmf", "tapf", "10.77.0.23", "02:00:00:77:00:23")]
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> {p.returncode}: {p.stderr.strip()}")
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 10) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+# ---------------------------------------------------------------------------------------------------- the lab
+
+class LiveLab:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.host = unique_name("kd")
+        self.extra = unique_name("kd")
+        self.guest_ns = {name: unique_name("kd") for name, *_ in LIGHT}
+        self.namespaces = [self.host, self.extra, *self.guest_ns.values()]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.exporter: subprocess.Popen | None = None
+        self.exporter_port = free_port()
+        self.netem = False
+
+    def build(self) -> None:
+        for ns in self.namespaces:
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        h = self.host
+        sh("ip", "-n", h, "link", "add", "name", "br0", "type", "bridge")
+        sh("ip", "-n", h, "addr", "add", "10.77.0.1/24", "dev", "br0")
+        sh("ip", "-n", h, "link", "set", "br0", "up")
+        for name, port, addr, mac in LIGHT:
+            g = self.guest_ns[name]
+            sh("ip", "-n", h, "link", "add", "name", port, "type", "veth", "peer", "name", "eth0", "netns", g)
+            sh("ip", "-n", g, "link", "set", "eth0", "address", mac)
+            sh("ip", "-n", g, "addr", "add", f"{addr}/24", "dev", "eth0")
+            sh("ip", "-n", g, "link", "set", "eth0", "up")
+            sh("ip", "-n", h, "link", "set", port, "master", "br0", "up")
+        exe = self.tmp / "qemu-system-x86_64"  # /proc/PID/cmdline then reads like QEMU's
+        exe.symlink_to(os.path.realpath(sys.executable))
+        for name, tap, addr, mac in TAPS:
+            sh("ip", "-n", h, "tuntap", "add", "dev", tap, "mode", "tap")  # persistent, as kvmnet-setup makes them
+            sh("ip", "-n", h, "link", "set", tap, "master", "br0", "up")
+            p = subprocess.Popen(["ip", "netns", "exec", h, str(exe), str(TAP_GUEST), tap, addr, mac,
+                                  "-name", name, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
+                                 stdout=subprocess.PIPE, text=True)
+            assert p.stdout.readline().strip() == "ready", f"tap guest {name} did not start"
+            self.procs[name] = p
+        lab = {"name": self.host, "mode": "netns", "namespaces": {"host": h},
+               "bridges": [{"name": "br0", "address": "10.77.0.1/24"}],
+               "taps": [{"name": tap} for _, tap, _, _ in TAPS],
+               "guests": [{"name": n, "kind": "netns", "netns": self.guest_ns[n], "tap": port, "bridge": "br0",
+                           "mac": mac, "address": f"{addr}/24"} for n, port, addr, mac in LIGHT]
+               + [{"name": n, "kind": "qemu", "tap": tap, "bridge": "br0", "mac": mac, "address": f"{addr}/24"}
+                  for n, tap, addr, mac in TAPS]}
+        (self.tmp / "lab.yaml").write_text(yaml.safe_dump(lab, sort_keys=False))
+        (self.tmp / "exporter.yml").write_text(yaml.safe_dump(
+            {"netns": [self.extra], "probe": {"interval": "1s", "timeout": "1s", "discover": False}}))
+
+    def start_exporter(self) -> None:
+        exe = Path(sys.executable).parent / "kvmnet-exporter"
+        cmd = [str(exe) if exe.exists() else "kvmnet-exporter", "--lab", str(self.tmp / "lab.yaml"),
+               "--config.file", str(self.tmp / "exporter.yml"),
+               "--web.listen-address", f"127.0.0.1:{self.exporter_port}"]
+        self.exporter = subprocess.Popen(cmd, stdout=open(self.tmp / "exporter.log", "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        want = {n for n, *_ in LIGHT + TAPS}
+        while time.monotonic() < deadline:
+            try:
+                text = http_get(f"http://127.0.0.1:{self.exporter_port}/metrics").decode()
+                up = set(re.findall(r'^kvmnet_guest_up\{[^}]*guest="([^"]+)"[^}]*\} 1', text, re.M))
+                if want <= up:
+                    return
+            except OSError:
+                pass
+            assert self.exporter.poll() is None, (self.tmp / "exporter.log").read_text()
+            time.sleep(0.5)
+        raise AssertionError(f"not every guest answers: {(self.tmp / 'exporter.log').read_text()[-2000:]}")
+
+    # Faults ---------------------------------------------------------------------------------------------------
+    def kill_guest(self, name: str) -> None:
+        """The light guest's namespace goes, and with it both ends of its veth."""
+        delete_netns(self.guest_ns[name])
+
+    def kill_tap_holder(self, name: str) -> None:
+        p = self.procs[name]
+        p.kill()
+        p.wait()
+
+    def add_loss(self, name: str, port: str) -> str:
+        if sh("ip", "netns", "exec", self.host, "tc", "qdisc", "add", "dev", port, "root", "netem", "loss", "30%",
+              check=False).returncode == 0:
+            return f"netem loss 30% on {port}"
+        rules = ("table inet kvmnet_loss {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+                 "  icmp type echo-request numgen random mod 100 < 30 drop\n }\n}\n")
+        p = subprocess.run(["ip", "netns", "exec", self.guest_ns[name], "nft", "-f", "-"], input=rules,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return "nftables: 30% of echo requests dropped in the guest (no netem in this kernel)"
+
+    def add_delay(self, name: str, port: str) -> str:
+        if sh("ip", "netns", "exec", self.host, "tc", "qdisc", "add", "dev", port, "root", "netem", "delay",
+              "100ms", check=False).returncode == 0:
+            return f"netem delay 100ms on {port}"
+        self.procs[name].send_signal(signal.SIGUSR1)
+        return "the guest answers 100 ms late (no netem in this kernel)"
+
+    def mac_flood(self, name: str) -> str:
+        self.procs[name].send_signal(signal.SIGUSR2)
+        return "40 frames from 40 source MACs"
+
+    def kill_exporter(self) -> None:
+        if self.exporter and self.exporter.poll() is None:
+            self.exporter.kill()
+            self.exporter.wait()
+
+    def cleanup(self) -> None:
+        self.kill_exporter()
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for ns in self.namespaces:
+            delete_netns(ns)
+
+
+# ---------------------------------------------------------------------------------------------------- Prometheus
+
+class Prometheus:
+    def __init__(self, tmp: Path, target: str) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": f"{SCRAPE}s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+            "rule_files": [str(DASH / "*.rules.yml")],  # the shipped files, as they are
+            "scrape_configs": [{"job_name": "kvmnet", "static_configs": [{"targets": [target]}]}]}))
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=open(tmp / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+        self.started = time.time()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if http_get(f"{self.base}/-/ready", timeout=2):
+                    break
+            except OSError:
+                assert self.proc.poll() is None, (tmp / "prometheus.log").read_text()
+                time.sleep(0.3)
+        rules = self.api("rules")["groups"]
+        assert rules and all(g.get("file", "").startswith(str(DASH)) for g in rules), rules
+
+    def api(self, path: str, **params) -> dict:
+        q = urllib.parse.urlencode(params, doseq=True)
+        body = json.loads(http_get(f"{self.base}/api/v1/{path}" + (f"?{q}" if q else "")))
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str, t: float | None = None) -> list:
+        return self.api("query", query=expr, time=t or time.time())["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list:
+        return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def alerts(self) -> list[dict]:
+        return self.api("alerts")["alerts"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------- Grafana
+
+def grafana_multi(values: list[str]) -> str:
+    """Grafana's Prometheus datasource for a multi-value or All selection: escaped values in a regex alternation."""
+    esc = [re.sub(r"([$^*{}\[\]'+?.()|])", r"\\\\\1", v.replace("\\", "\\\\\\\\")) for v in values]
+    return esc[0] if len(esc) == 1 else "(" + "|".join(esc) + ")"
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        assert name in values, f"variable ${name} has no value in {expr!r}"
+        return values[name]
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", sub, expr)
+
+
+def grafana_time_values(range_s: int) -> dict[str, str]:
+    """$__interval: range / max data points, at least the scrape interval; $__rate_interval: Grafana's formula."""
+    interval = max(SCRAPE, range_s // 1000)
+    return {"__interval": f"{interval}s", "__rate_interval": f"{max(interval + SCRAPE, 4 * SCRAPE)}s",
+            "__range": f"{range_s}s", "__range_s": str(range_s)}
+
+
+def resolve_variables(prom: Prometheus, dash: dict, fixed: dict[str, str], start: float, end: float
+                      ) -> dict[str, str]:
+    """Each variable in order, its options from label_values() as Grafana asks them; "All" for multi-value ones."""
+    values = dict(fixed)
+    options: dict[str, list[str]] = {}
+    for v in dash["templating"]["list"]:
+        if v["type"] != "query":
+            continue
+        m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", v["definition"])
+        match = substitute(m.group(1), values)
+        found = prom.api(f"label/{m.group(2)}/values", **{"match[]": match, "start": start, "end": end})
+        assert found, f"variable {v['name']}: {v['definition']} -> {match} has no values"
+        options[v["name"]] = found
+        if v["name"] in fixed:
+            assert fixed[v["name"]] in found, (v["name"], found)
+            continue
+        if v.get("includeAll") and v.get("allValue"):
+            values[v["name"]] = v["allValue"]
+        elif v.get("multi") or v.get("includeAll"):
+            values[v["name"]] = grafana_multi(found)
+        else:
+            values[v["name"]] = found[0]
+    values["__options"] = options  # type: ignore[assignment]
+    return values
+
+
+def panel_queries(dash: dict):
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        for t in p["targets"]:
+            yield p, t
+
+
+# ---------------------------------------------------------------------------------------------------- fixture
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    if PROMETHEUS is None:
+        pytest.skip("prometheus not installed (scripts/bootstrap.sh installs Debian's)")
+    tmp = tmp_path_factory.mktemp("live")
+    lab = LiveLab(tmp)
+    prom = None
+    try:
+        lab.build()
+        lab.start_exporter()
+        prom = Prometheus(tmp, f"127.0.0.1:{lab.exporter_port}")
+        yield lab, prom
+    finally:
+        if prom is not None:
+            prom.stop()
+        lab.cleanup()
+
+
+def wait_history(prom: Prometheus, seconds: float) -> None:
+    time.sleep(max(0.0, prom.started + seconds - time.time()))
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+def test_every_panel_query_returns_data(live):
+    lab, prom = live
+    wait_history(prom, 70)  # a [1m] recording rule needs a minute of samples to be whole
+    end = time.time()
+    range_s = int(min(LOOKBACK, end - prom.started))
+    start = end - range_s
+    tv = grafana_time_values(range_s)
+    failures, checked = [], 0
+    for path in sorted(DASH.glob("*.json")):
+        dash = json.loads(path.read_text())
+        variants = [{}]
+        names = {v["name"] for v in dash["templating"]["list"]}
+        if "guest" in names and not next(v for v in dash["templating"]["list"] if v["name"] == "guest")["multi"]:
+            variants = [{"guest": n} for n, *_ in LIGHT + TAPS]  # a single-guest dashboard: each guest in turn
+        for fixed in variants:
+            values = resolve_variables(prom, dash, {**tv, **fixed}, start, end)
+            for p, t in panel_queries(dash):
+                expr = substitute(t["expr"], values)
+                where = f"{path.name} {fixed or ''} panel {p['title']!r} {t['refId']}: {expr}"
+                try:
+                    if t.get("instant"):
+                        result = prom.query(expr, end)
+                    else:
+                        step = int(tv["__interval"][:-1])
+                        result = prom.query_range(expr, start, end, step)
+                except Exception as exc:  # noqa: BLE001 - collect them all, report together
+                    failures.append(f"{where}\n    error: {exc}")
+                    continue
+                checked += 1
+                if not result or not any(r.get("values") or r.get("value") for r in result):
+                    failures.append(f"{where}\n    no data")
+    assert not failures, f"{len(failures)} of {checked} panel queries fail:\n" + "\n".join(failures)
+    print(f"\n{checked} panel queries return data")
+
+
+def test_baseline_is_quiet(live):
+    """From the first minute on, through the baseline, nothing kvmnet-related is pending or firing."""
+    lab, prom = live
+    seen: dict[tuple, dict] = {}
+    while time.time() < prom.started + BASELINE:
+        for a in prom.alerts():
+            seen.setdefault((a["labels"]["alertname"], tuple(sorted(a["labels"].items()))), a)
+        time.sleep(2)
+    assert not seen, "alerts at baseline:\n" + "\n".join(
+        f"  {a['state']} {a['labels']}" for a in seen.values())
+    # The guests answer and the RTT baseline exists for each.
+    up = {r["metric"]["guest"]: r["value"][1] for r in prom.query("kvmnet_guest_up")}
+    assert up == {n: "1" for n, *_ in LIGHT + TAPS}
+    base = {r["metric"]["guest"] for r in prom.query("kvmnet:guest_ping_rtt_seconds:mean_rate1h")}
+    assert base == set(up)
+
+
+# alert, identifying labels, the fault's description filled in at run time, and the most it may take (s): the
+# rule's `for:` + its window crossing the threshold + detection + a margin for a loaded 2-core machine.
+EXPECTED = {
+    "gdown": ("KvmnetGuestDown", {"guest": "gdown"}, 60 + 3 + 30),
+    "vmk": ("KvmnetTapCarrierLost", {"device": "tapk", "guest": "vmk"}, 30 + 2 + 30),
+    "vmk-down": ("KvmnetGuestDown", {"guest": "vmk"}, 60 + 3 + 30),
+    "gloss": ("KvmnetGuestPacketLoss", {"guest": "gloss"}, 120 + 15 + 40),
+    "vms": ("KvmnetGuestLatencyHigh", {"guest": "vms"}, 60 + 5 + 30),
+    "vmf": ("KvmnetPortMacFlood", {"device": "tapf", "bridge": "br0"}, 60 + 2 + 30),
+    "extra": ("KvmnetCollectorFailing", {"collector": "bridge"}, 120 + 2 + 30),
+}
+
+
+def test_each_fault_raises_its_own_alert(live):
+    lab, prom = live
+    wait_history(prom, BASELINE)
+    EXPECTED["extra"][1]["netns"] = lab.extra
+    EXPECTED["gdown"][1]["netns"] = EXPECTED["vmk-down"][1]["netns"] = lab.host
+    faults = {}
+    t0 = time.time()
+    lab.kill_guest("gdown"); faults["gdown"] = ("namespace of light guest gdown deleted", time.time())
+    lab.kill_tap_holder("vmk"); faults["vmk"] = ("process holding tap tapk killed", time.time())
+    faults["vmk-down"] = (faults["vmk"][0], faults["vmk"][1])
+    how = lab.add_loss("gloss", "kdp3"); faults["gloss"] = (how, time.time())
+    how = lab.add_delay("vms", "taps"); faults["vms"] = (how, time.time())
+    how = lab.mac_flood("vmf"); faults["vmf"] = (how, time.time())
+    delete_netns(lab.extra); faults["extra"] = (f"watched namespace {lab.extra} deleted", time.time())
+
+    fired: dict[str, float] = {}
+    unexpected: dict[tuple, dict] = {}
+    deadline = t0 + max(m for _, _, m in EXPECTED.values()) + 5
+    while time.time() < deadline and len(fired) < len(EXPECTED):
+        now = time.time()
+        for a in prom.alerts():
+            lbl = a["labels"]
+            mine = [k for k, (name, want, _) in EXPECTED.items()
+                    if lbl["alertname"] == name and all(lbl.get(x) == y for x, y in want.items())]
+            for k in mine:
+                if a["state"] == "firing" and k not in fired:
+                    fired[k] = now - faults[k][1]
+            if not mine and a["state"] == "firing" and not (lbl["alertname"] == "KvmnetCollectorFailing" and lbl.get("netns") == lab.extra):
+                unexpected.setdefault(tuple(sorted(lbl.items())), a)
+        time.sleep(0.5)
+
+    report = ["", f"{'alert':<26} {'labels':<36} {'fault':<62} time to fire"]
+    for k, (name, want, limit) in EXPECTED.items():
+        t = f"{fired[k]:.1f}s" if k in fired else f"NOT FIRED in {limit}s"
+        report.append(f"{name:<26} {json.dumps(want):<36} {faults[k][0]:<62} {t}")
+    print("\n".join(report))
+    (Path(prom.tmp) / "time_to_fire.txt").write_text("\n".join(report) + "\n")
+    missing = [k for k in EXPECTED if k not in fired]
+    assert not missing, "\n".join(report)
+    late = [k for k, (_, _, limit) in EXPECTED.items() if fired[k] > limit]
+    assert not late, "\n".join(report)
+    assert not unexpected, "alerts no fault explains:\n" + "\n".join(
+        f"  {a['state']} {a['labels']}" for a in unexpected.values())
+    # The control guest and its port were never named.
+    assert not [a for a in prom.alerts() if a["labels"].get("guest") == "gok" or a["labels"].get("device") == "kdp1"]
+
+
+def test_exporter_down(live):
+    lab, prom = live
+    lab.kill_exporter()
+    t0 = time.time()
+    while time.time() < t0 + 60 + 2 + 30:
+        if any(a["labels"]["alertname"] == "KvmnetExporterDown" and a["state"] == "firing"
+               and a["labels"].get("instance") == f"127.0.0.1:{lab.exporter_port}" for a in prom.alerts()):
+            print(f"\nKvmnetExporterDown: exporter killed -> firing in {time.time() - t0:.1f}s")
+            return
+        time.sleep(0.5)
+    raise AssertionError("KvmnetExporterDown did not fire within 92s")
