@@ -144,6 +144,8 @@ def main() -> None:
         tmp.rmdir()
     med = {k: statistics.median(v) for k, v in res.items()}
     ratio = med["kvmnet_up"] / med["ip_up"]
+    paired = [k / i for k, i in zip(res["kvmnet_up"], res["ip_up"])]
+    load = os.getloadavg()[0]
     py = subprocess.run([*SETUP, "--help"], capture_output=True)  # warm: start-up cost alone, for the reader
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import kvmnet.setup.apply, kvmnet.setup.spec"], capture_output=True)
@@ -162,11 +164,14 @@ whose host end is on br0, address + MAC + up on the guest end). Both results are
 |---|---|---|
 | `kvmnet-setup up` (whole CLI, Python start-up included) | {med['kvmnet_up']:.3f} s | {', '.join(f'{x:.3f}' for x in res['kvmnet_up'])} |
 | `ip -batch` (1 + 1 + {a.guests} processes) | {med['ip_up']:.3f} s | {', '.join(f'{x:.3f}' for x in res['ip_up'])} |
-| **ratio kvmnet / ip** | **{ratio:.2f}x** (goal <= 2x) | |
+| **ratio kvmnet / ip** (of the medians) | **{ratio:.2f}x** (goal <= 2x) | per round: {', '.join(f'{x:.2f}' for x in paired)} |
 | `kvmnet-setup up` again (observes, plans nothing) | {med['kvmnet_up_again']:.3f} s | |
 | `kvmnet-setup down` | {med['kvmnet_down']:.3f} s | |
 | `ip -batch` netns del (returns before the kernel's cleanup) | {med['ip_down']:.3f} s | |
 | Python start-up + imports alone | {startup:.3f} s | |
+
+Load average when done: {load:.1f} (other sessions share this 2-core machine: single rounds can be off by
+several times for either side, which is why the medians and the per-round ratios are both shown).
 
 How kvmnet gets there: one netlink socket per namespace for the whole run; namespaces made in-process (unshare +
 bind mount, as `ip netns add`) instead of forking; taps made with TUNSETIFF directly (pyroute2 forks a helper per
