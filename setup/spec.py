@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -79,7 +79,7 @@ def _addr(v: Any) -> IPAddress:
 
 def _nsname(v: Any) -> str:
     if not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
-        raise ValueError(f"not a namespace name (letters, digits, '_', '.', '-'): {v!r}")
+        raise ValueError(f"not a valid name (1-64 letters, digits, '_', '.', '-'): {v!r}")
     return v
 
 
@@ -149,7 +149,7 @@ class Tap(_Strict):
 
 
 class Guest(_Strict):
-    name: Annotated[str, AfterValidator(lambda v: _devname(v) and v)]
+    name: NsName                     # also names its QEMU (-name) and, for netns guests, its namespace
     kind: Literal["qemu", "netns"] = "qemu"
     tap: DevName                     # the bridge port: a tap for qemu, the host-side veth for netns guests
     bridge: DevName
