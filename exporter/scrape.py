@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Iterable, Protocol, Sequence
 
@@ -31,8 +32,15 @@ class ExpectedAbsence(Exception):
     """Raised by a collector when there is nothing to report and that is normal; logged at debug, success 1."""
 
 
+# (collector, netns) -> the error it is failing with. A collector that keeps failing the same way (a deleted
+# namespace) is logged at error once, then at debug, and once more when it recovers: not a line every scrape.
+_failing: dict[tuple[str, str], str] = {}
+_failing_lock = threading.Lock()
+
+
 def _run_one(collector: Collector) -> tuple[list[MetricFamily], float, bool]:
     start = time.perf_counter()
+    key = (collector.name, collector.netns)
     try:
         fams = list(collector.collect())
         ok = True
@@ -40,9 +48,18 @@ def _run_one(collector: Collector) -> tuple[list[MetricFamily], float, bool]:
         log.debug("event=collector_no_data collector=%s netns=%s reason=%r", collector.name, collector.netns, str(exc))
         fams, ok = [], True
     except Exception as exc:  # noqa: BLE001 - a collector failure is reported, never raised into the scrape
-        log.error("event=collector_failed collector=%s netns=%s error=%r", collector.name, collector.netns, str(exc))
+        with _failing_lock:
+            again = _failing.get(key) == str(exc)
+            _failing[key] = str(exc)
+        log.log(logging.DEBUG if again else logging.ERROR, "event=collector_failed collector=%s netns=%s error=%r",
+                collector.name, collector.netns, str(exc))
         log.debug("collector traceback", exc_info=True)
         fams, ok = [], False
+    if ok and key in _failing:
+        with _failing_lock:
+            was = _failing.pop(key, None)
+        if was is not None:
+            log.info("event=collector_recovered collector=%s netns=%s", collector.name, collector.netns)
     return fams, time.perf_counter() - start, ok
 
 

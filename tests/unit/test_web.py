@@ -254,3 +254,28 @@ async def test_prober_lifecycle_and_a_failing_start(aiohttp_client):
         assert sample(fams, "kvmnet_standin_value") == 42  # the prober's collectors are scraped
         await client.close()
         assert p.events == ["start", "reconfigure", "stop"]
+
+
+async def test_a_lasting_failure_is_logged_once_then_recovery(caplog):
+    import logging
+
+    from kvmnet.exporter import scrape
+
+    class Flaky(StandIn):
+        name = "flaky"
+        broken = True
+
+        def collect(self):
+            if self.broken:
+                raise OSError("namespace 'x' does not exist")
+            return super().collect()
+
+    c = Flaky("ke-flaky")
+    with caplog.at_level(logging.INFO, logger="kvmnet.scrape"):
+        for _ in range(3):
+            await scrape.scrape([c])
+        c.broken = False
+        await scrape.scrape([c])
+        await scrape.scrape([c])
+    events = [r.getMessage().split()[0] for r in caplog.records if r.name == "kvmnet.scrape"]
+    assert events == ["event=collector_failed", "event=collector_recovered"]
