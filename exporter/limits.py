@@ -3,7 +3,8 @@ clients that connect and then say nothing (or dribble a header a byte at a time)
 
 What bounds what:
 - request line and each header: `max_line_size` / `max_field_size` (aiohttp's parser answers 400/431 beyond them);
-  at most `max_headers` headers; request bodies: web.py's `client_max_size` (64 KiB; nothing here takes a body).
+  at most `max_headers` headers; a declared body over `max_body` is refused with 413 before any handler runs (an
+  unread body is otherwise drained by aiohttp for at most its lingering time).
 - a new connection must deliver a whole first request within `header_timeout` (and finish its TLS handshake in that
   time too); after each response the connection may idle for `keepalive_timeout`, then it is closed.
 - at most `max_connections` at once. When full, a new connection evicts the oldest one that is idle (no request in
@@ -35,6 +36,7 @@ class Limits:
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 64
+    max_body: int = 64 * 1024
     shutdown_timeout: float = 5.0
 
 
@@ -117,6 +119,8 @@ class _Tracker:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
+        if request.content_length is not None and request.content_length > self.limits.max_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.limits.max_body, actual_size=request.content_length)
         conn = self.conns.get(request.transport)
         if conn is None:
             return await handler(request)
