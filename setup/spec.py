@@ -18,8 +18,10 @@ so the CLI can print it and exit 2 before anything is created.
 """
 from __future__ import annotations
 
+import grp
 import hashlib
 import ipaddress
+import pwd
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -336,6 +338,13 @@ def _check(lab: Lab) -> None:
     taps = {}
     for i, t in enumerate(lab.taps):
         claim(t.name, f"taps[{i}].name")
+        for field, db in (("owner", pwd.getpwnam), ("group", grp.getgrnam)):
+            v = getattr(t, field)
+            if isinstance(v, str):
+                try:
+                    db(v)
+                except KeyError:
+                    raise _fail(f"taps[{i}].{field}", f"no such {'user' if field == 'owner' else 'group'}: {v!r}")
         taps[t.name] = t
         if t.bridge and t.bridge not in bridges:
             raise _fail(f"taps[{i}].bridge", f"no such bridge: {t.bridge!r}")
