@@ -100,24 +100,10 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _web_config(path: str):
-    """Ask exporter/webconfig.py (the ops engineer's module) for (ssl_context, middlewares)."""
-    try:
-        webconfig = importlib.import_module("kvmnet.exporter.webconfig")
-    except ImportError:
-        raise ConfigError("--web.config.file: not supported in this build") from None
-    got = webconfig.load(path)
-    if isinstance(got, tuple):
-        ssl_context, middlewares = got
-    elif isinstance(got, dict):
-        ssl_context, middlewares = got.get("ssl_context"), got.get("middlewares", got.get("middleware"))
-    else:
-        ssl_context = getattr(got, "ssl_context", None)
-        middlewares = getattr(got, "middlewares", getattr(got, "middleware", None))
-    if middlewares is None:
-        middlewares = ()
-    elif callable(middlewares):
-        middlewares = (middlewares,)
-    return ssl_context, tuple(middlewares)
+    """TLS and basic auth from exporter/webconfig.py (Go exporters' format): (ssl_context, middlewares)."""
+    from . import webconfig
+    cfg = webconfig.load(path)  # raises WebConfigError, a ConfigError: one line naming the field
+    return cfg.ssl_context, tuple(cfg.middlewares)
 
 
 def _prober(service_settings: Settings):
@@ -150,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         ssl_context, middlewares = _web_config(args.web_config) if args.web_config else (None, ())
     except ConfigError as exc:
         return _fail(str(exc))
-    except ValueError as exc:  # a web config module reporting bad input the same way
-        return _fail(f"{args.web_config}: {exc}")
     if args.config_check:
         print(f"{PROG}: config ok: watching {', '.join(n or '(own)' for n in loaded.watched)}; "
               f"{len(loaded.targets)} probe targets")
