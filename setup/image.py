@@ -96,19 +96,34 @@ def _run(argv: list[str], what: str, **kw) -> str:
         raise ImageError(f"{what}: {argv[0]} not found (install it: apt-get install {argv[0]})") from None
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
-        raise ImageError(f"{what}: {last}")
+        raise ImageError(f"{what}: {last.removeprefix('E: ')}")
     return p.stdout
 
 
-def kernel_package() -> str:
-    """The versioned kernel package the metapackage depends on, e.g. linux-image-6.1.0-56-cloud-amd64."""
-    out = _run(["apt-cache", "depends", META_PACKAGE], f"resolving {META_PACKAGE}")
+def _depends() -> str | None:
+    try:
+        out = _run(["apt-cache", "depends", META_PACKAGE], f"resolving {META_PACKAGE}")
+    except ImageError:
+        return None
     for line in out.splitlines():
         m = re.match(r"\s*Depends:\s*(linux-image-\S+-cloud-amd64)\s*$", line)
         if m:
             return m.group(1)
-    raise ImageError(f"resolving {META_PACKAGE}: no linux-image-*-cloud-amd64 dependency "
-                     "(is the Debian main archive in the apt sources?)")
+    return None
+
+
+def kernel_package(progress: Callable[[str], None] = lambda s: None) -> str:
+    """The versioned kernel package the metapackage depends on, e.g. linux-image-6.1.0-56-cloud-amd64."""
+    found = _depends()
+    if found is None:
+        # A fresh machine may have no package lists yet.
+        progress(f"image: {META_PACKAGE} unknown to apt-cache, running apt-get update")
+        _run(["apt-get", "update", "-qq"], "apt-get update")
+        found = _depends()
+    if found is None:
+        raise ImageError(f"resolving {META_PACKAGE}: apt knows no linux-image-*-cloud-amd64 it depends on "
+                         "(is Debian's main archive in the apt sources?)")
+    return found
 
 
 def _kernel_version(package: str) -> str:
@@ -233,10 +248,20 @@ def _check_busybox() -> None:
 def ensure_image(progress: Callable[[str], None] = print, package: str | None = None) -> GuestImage:
     """The cached tiny guest, built first if needed. Safe to call from several processes at once."""
     _check_busybox()
-    package = package or kernel_package()
-    kver = _kernel_version(package)
     root = cache_root()
-    final = root / f"{kver}-{_recipe_hash()}"
+    recipe = _recipe_hash()
+    if package is None:
+        try:
+            package = kernel_package(progress)
+        except ImageError:
+            # Offline or no apt lists: a guest built earlier from the same recipe still serves.
+            built = sorted(root.glob(f"*-{recipe}/initrd.gz"), key=lambda p: p.stat().st_mtime)
+            if built:
+                final = built[-1].parent
+                return GuestImage(kernel=final / "vmlinuz", initrd=final / "initrd.gz")
+            raise
+    kver = _kernel_version(package)
+    final = root / f"{kver}-{recipe}"
     image = GuestImage(kernel=final / "vmlinuz", initrd=final / "initrd.gz")
     if image.kernel.exists() and image.initrd.exists():
         return image

@@ -75,6 +75,9 @@ def build_command(*, name: str, tap: str, mac: str, run_dir: str | Path, accel: 
     if (disk is None) == (kernel is None):
         raise ValueError("give either disk or kernel")
     p = paths(run_dir, name)
+    if len(str(p["qmp"]).encode()) > 107:
+        # sun_path is 108 bytes with its NUL; QEMU would refuse with a less obvious message.
+        raise ValueError(f"QMP socket path longer than 107 bytes: {p['qmp']}")
     argv = [qemu, "-name", name, "-machine", "pc", "-accel", accel]
     # KVM runs the host's CPU model; TCG keeps QEMU's default (qemu64), which it emulates fastest.
     if accel == "kvm":
@@ -126,6 +129,8 @@ class QMP:
                 raise QemuError(f"{path}: not a QMP greeting")
             self.execute("qmp_capabilities")
         except BaseException:
+            if hasattr(self, "file"):
+                self.file.close()
             self.sock.close()
             raise
 
@@ -150,6 +155,8 @@ class QMP:
             # else an event ({"event": ...}): not ours
 
     def close(self) -> None:
+        # The makefile() object holds the fd open too; QEMU serves one QMP client at a time, so close both.
+        self.file.close()
         self.sock.close()
 
     def __enter__(self) -> "QMP":
@@ -262,15 +269,26 @@ def stop(run_dir: str | Path, name: str, timeout: float = 10.0, powerdown: bool 
             steps.append(("powerdown", timeout / 2))
         steps += [("quit", timeout / 4), ("sigterm", timeout / 4), ("sigkill", 5.0)]
         for step, wait in steps:
+            asked = False
             try:
-                if step in ("powerdown", "quit"):
+                if step == "powerdown":
                     with QMP(p["qmp"], timeout=2.0) as q:
-                        q.execute("system_powerdown" if step == "powerdown" else "quit")
+                        # A paused guest cannot see the button: go straight to quit.
+                        if q.execute("query-status").get("status") != "running":
+                            continue
+                        asked = True
+                        q.execute("system_powerdown")
+                elif step == "quit":
+                    with QMP(p["qmp"], timeout=2.0) as q:
+                        asked = True
+                        q.execute("quit")
                 else:
                     os.kill(pid, signal.SIGTERM if step == "sigterm" else signal.SIGKILL)
             except (OSError, QemuError, ValueError):
-                # The QMP socket may be gone (or QEMU just exited): no point waiting on a request never made.
-                wait = 0.2
+                # No QMP socket (or QEMU exited meanwhile): no point waiting long on a request never made. If it
+                # was made and the connection dropped, QEMU is on its way out: wait as usual.
+                if not asked:
+                    wait = 0.2
             if _wait_gone(pid, wait):
                 how = step
                 break

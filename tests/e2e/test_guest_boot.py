@@ -96,6 +96,14 @@ def test_tiny_guest_boots_answers_ping_and_stops_cleanly(lab, guest_image):
     assert learned and learned[0]["ifname"] == tap and learned[0].get("master") == "br0", learned
     assert "permanent" not in learned[0].get("state", ""), "learned, not a static entry"
 
+    # Paused over QMP, status() says so. (QEMU's QMP socket serves one client at a time: close before asking.)
+    with qemu.QMP(run_dir / f"{name}.qmp") as q:
+        q.execute("stop")
+    assert qemu.status(run_dir, name)["status"] == "paused"
+    with qemu.QMP(run_dir / f"{name}.qmp") as q:
+        q.execute("cont")
+    assert qemu.status(run_dir, name)["status"] == "running"
+
     t1 = time.monotonic()
     how = qemu.stop(run_dir, name, timeout=20)
     print(f"guest {name}: stopped by {how} in {time.monotonic() - t1:.2f}s")

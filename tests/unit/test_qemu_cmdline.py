@@ -102,7 +102,8 @@ def test_multi_queue_needs_two_queues_even_with_one_cpu():
     assert "vnet_hdr=off" in _opt(argv, "-netdev")[0]
 
 
-@pytest.mark.parametrize("bad", [dict(accel="auto"), dict(kernel=None), dict(disk="/x.img")])
+@pytest.mark.parametrize("bad", [dict(accel="auto"), dict(kernel=None), dict(disk="/x.img"),
+                                 dict(run_dir="/run/" + "x" * 100)])
 def test_bad_arguments(bad):
     kw = dict(CASES["seed-vm1-tiny-tcg"], **bad)
     with pytest.raises(ValueError):
