@@ -321,12 +321,14 @@ class Applier:
                     skip = True
                 else:
                     getattr(self, "do_" + act.op)(act)
-            except Exception as e:
+            except BaseException as e:  # Ctrl-C too: an interrupted `up` leaves nothing half-made
                 msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
                 if isinstance(e, NetlinkError):
                     msg = f"{os.strerror(e.code)} (netlink error {e.code})"
                 n = len(self.journal)
                 self.rollback()
+                if not isinstance(e, Exception):
+                    raise
                 raise ApplyError(f"{act}: {msg}; rolled back the {n} change(s) this run made") from e
         self.state.save()
 
