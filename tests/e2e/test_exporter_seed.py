@@ -98,3 +98,22 @@ def test_seed_lab_no_config(labs):
     finally:
         err = e.stop()
         assert "Traceback" not in err, err
+
+    # With --lab instead: the lab's host namespace is watched and both guests are probe targets from the start
+    # (vm2 was never pinged above, so discovery alone would not know its address).
+    e = Exporter("--lab", str(path))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            text = e.metrics()
+            if all(value(text, "kvmnet_guest_up", netns=host, guest=g) == 1 for g in ("vm1", "vm2")):
+                break
+            assert time.monotonic() < deadline, "lab guests never up"
+            time.sleep(1)
+        info = {s.labels["guest"]: s.labels for s in samples(text) if s.name == "kvmnet_guest_info"}
+        assert info["vm2"]["address"] == "192.168.98.12" and info["vm2"]["device"] == "vm2eth0"
+        assert info["vm2"]["mac"] == "0a:e8:4f:c5:6a:17" and info["vm2"]["bridge"] == "br0"
+        assert port_labels(text, host, "kvmnet_port_info")["vm2eth0"]["guest"] == "vm2"
+    finally:
+        err = e.stop()
+        assert "Traceback" not in err, err
