@@ -68,7 +68,7 @@ def render(d: dict) -> str:
     yes = lambda b: "yes" if b else "no"  # noqa: E731
     lines = [f"lab {d['lab']}" + (f" (namespace {d['netns']})" if d["netns"] else " (this host)")]
     if not d["present"]:
-        return lines[0] + ": namespace absent, the lab is down"
+        lines[0] += ": namespace absent, the lab is down"
     rows = [["BRIDGE", "PORT", "KIND", "UP", "CARRIER", "MAC", "GUEST"]]
     for b in d["bridges"]:
         rows.append([b["name"], "-", "bridge", yes(b["up"]), yes(b["carrier"]), ",".join(b["addresses"]) or "-",
@@ -76,7 +76,8 @@ def render(d: dict) -> str:
         for p in b["ports"]:
             rows.append(["", p["name"], p["kind"] or "-", yes(p["up"]), yes(p["carrier"]), p["mac"] or "-",
                          p["guest"] or "-"])
-    lines.append(_table(rows) if len(rows) > 1 else "no bridges")
+    if d["present"]:
+        lines.append(_table(rows) if len(rows) > 1 else "no bridges")
     if d["guests"]:
         rows = [["GUEST", "KIND", "DEVICE", "BRIDGE", "MAC", "ADDRESS", "RUNNING", "DETAIL"]]
         for g in d["guests"]:
