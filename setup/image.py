@@ -152,7 +152,14 @@ def _read_module(path: Path) -> bytes:
     if path.suffix == ".xz":
         return lzma.decompress(data)
     if path.suffix == ".zst":
-        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+        # No zstd in Python 3.11's standard library: the zstd tool (bootstrap installs it).
+        try:
+            p = subprocess.run(["zstd", "-dc", str(path)], capture_output=True)
+        except FileNotFoundError:
+            raise ImageError(f"{path.name} is zstd-compressed and zstd is missing: apt-get install zstd") from None
+        if p.returncode != 0:
+            raise ImageError(f"decompressing {path.name}: {p.stderr.decode(errors='replace').strip()}")
+        return p.stdout
     if path.suffix == ".gz":
         return gzip.decompress(data)
     return data

@@ -11,6 +11,7 @@ import json
 import lzma
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import threading
@@ -174,6 +175,11 @@ def test_initramfs_layout(tmp_path):
     (moddir / "kernel/drivers/net").mkdir(parents=True)
     (moddir / "kernel/drivers/virtio/virtio_ring.ko").write_bytes(b"RING")
     (moddir / "kernel/drivers/net/virtio_net.ko.xz").write_bytes(lzma.compress(b"NET", format=lzma.FORMAT_XZ))
+    if shutil.which("zstd"):
+        mods.append("drivers/block/virtio_blk")
+        (moddir / "kernel/drivers/block").mkdir(parents=True)
+        subprocess.run(["zstd", "-q", "-o", str(moddir / "kernel/drivers/block/virtio_blk.ko.zst")],
+                       input=b"BLK", check=True)
     blob = gzip.decompress(image.build_initramfs(moddir, mods))
     assert blob == gzip.decompress(image.build_initramfs(moddir, mods)), "not deterministic"
     out = tmp_path / "x"
@@ -181,7 +187,9 @@ def test_initramfs_layout(tmp_path):
     subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=blob, cwd=out, check=True)
     assert (out / "lib/modules/virtio_net.ko").read_bytes() == b"NET"
     assert (out / "lib/modules/virtio_ring.ko").read_bytes() == b"RING"
-    assert (out / "etc/kvmnet-modules").read_text().split() == ["virtio_ring", "virtio_net"]
+    assert (out / "etc/kvmnet-modules").read_text().split() == [m.rsplit("/", 1)[1] for m in mods]
+    if "drivers/block/virtio_blk" in mods:
+        assert (out / "lib/modules/virtio_blk.ko").read_bytes() == b"BLK"
     assert os.access(out / "init", os.X_OK) and (out / "bin/sh").is_symlink()
     assert (out / "dev/console").is_char_device()
 
@@ -189,3 +197,15 @@ def test_initramfs_layout(tmp_path):
 def test_missing_module_is_one_line(tmp_path):
     with pytest.raises(image.ImageError, match=r"no module drivers/net/virtio_net\.ko"):
         image.build_initramfs(tmp_path, ["drivers/net/virtio_net"])
+
+
+@pytest.mark.skipif(not image.BUSYBOX.exists(), reason="needs busybox-static")
+def test_cache_key_follows_the_recipe(monkeypatch):
+    """A changed /init (or module list) lands in a new cache directory, so it gets built."""
+    before = image._recipe_hash()
+    monkeypatch.setattr(image, "INIT", image.INIT + "# changed\n")
+    assert image._recipe_hash() != before
+    monkeypatch.setattr(image, "INIT", image.INIT.removesuffix("# changed\n"))
+    assert image._recipe_hash() == before
+    monkeypatch.setattr(image, "MODULES", image.MODULES[:-1])
+    assert image._recipe_hash() != before
