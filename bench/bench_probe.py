@@ -61,6 +61,30 @@ def cleanup() -> None:
         sh("ip", "-batch", "-", input="".join(f"netns del {n}\n" for n in names), check=False)
 
 
+NEIGH = "/proc/sys/net/ipv4/neigh/default/gc_thresh{}"
+_neigh_saved: dict[int, str] = {}
+
+
+def raise_neighbour_limits(n: int) -> None:
+    """The neighbour table's gc thresholds are global (one table for all namespaces, set in the initial one):
+    at the default gc_thresh3=1024, 1000 guests overflow it and the kernel drops packets ("neighbor table
+    overflow", table_fulls in /proc/net/stat/arp_cache). A host running 1000 guests needs this raised whatever
+    pings them; we raise it for the run and put the old values back afterwards."""
+    want = {1: max(128, n), 2: max(512, 4 * n), 3: max(1024, 8 * n)}
+    for k, v in want.items():
+        cur = Path(NEIGH.format(k)).read_text().strip()
+        if int(cur) < v:
+            _neigh_saved.setdefault(k, cur)
+            Path(NEIGH.format(k)).write_text(str(v))
+            print(f"   net.ipv4.neigh.default.gc_thresh{k}: {cur} -> {v} for the run", file=sys.stderr)
+
+
+def restore_neighbour_limits() -> None:
+    for k, v in _neigh_saved.items():
+        Path(NEIGH.format(k)).write_text(v)
+    _neigh_saved.clear()
+
+
 def build(n: int) -> float:
     t0 = time.monotonic()
     sh("ip", "-batch", "-", input=f"netns add {HOST}\n" + "".join(f"netns add {guest_ns(i)}\n" for i in range(n)))
@@ -146,14 +170,34 @@ def p50(values) -> float | None:
     return statistics.median(values) if values else None
 
 
+def wait_scrape(url: str, netns: str | None, proc: subprocess.Popen, log, timeout: float = 60) -> str:
+    """The first successful scrape of a process that is still starting (smokeping_prober staggers its pingers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{proc.args[3]} exited {proc.returncode}: {log.read()[-2000:]}")
+        try:
+            text = scrape(url, netns)
+            if text:
+                return text
+        except (OSError, subprocess.CalledProcessError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def run_smokeping(addrs: list[str], seconds: float) -> dict:
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(["ip", "netns", "exec", HOST, "prometheus-smokeping-prober", "--privileged",
                              f"--web.listen-address=127.0.0.1:{SMOKEPING_PORT}", "--ping.interval=1s",
                              "--config.file=/nonexistent/smokeping_prober.yml", *addrs],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
-        time.sleep(5)
         url = f"http://127.0.0.1:{SMOKEPING_PORT}/metrics"
+        wait_scrape(url, HOST, proc, log, timeout=300)  # it starts its pingers one by one: ~30 s at 1000
+        time.sleep(5)  # every pinger past its first round
         t0 = scrape(url, HOST)
         c0, w0 = cpu_seconds(proc.pid), time.monotonic()  # `ip netns exec` execs it: same pid
         time.sleep(seconds)
@@ -265,6 +309,8 @@ def run_inproc(addrs: list[str], tx: bool, seconds: float) -> dict:
 
 def bench(n: int, seconds: float) -> dict:
     print(f"== {n} guests", file=sys.stderr)
+    raise_neighbour_limits(n)
+    load_before = os.getloadavg()
     built = build(n)
     addrs = [guest_addr(i) for i in range(n)]
     print(f"   built in {built:.1f} s", file=sys.stderr)
@@ -283,7 +329,7 @@ def bench(n: int, seconds: float) -> dict:
     alive = [guest_addr(i) for i in range(n) if os.path.exists(f"/run/netns/{guest_ns(i)}")]
     after = fping(alive, rounds=5)
     cleanup()
-    return {"guests": n, "build_s": built,
+    return {"guests": n, "build_s": built, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "fping": {"p50_of_means": p50(fp.values()), "p50_all_rtts": fp_p50_all, "guests": len(fp)},
             "fping_after": {"p50_of_means": p50(statistics.fmean(v) for v in after.values() if v)},
             "smokeping": {"p50_of_means": p50(smoke["per_guest_mean"].values()),
@@ -335,6 +381,8 @@ def report(results: list[dict], seconds: float) -> str:
         lines.append(f"| {r['guests']} | {us(r['fping']['p50_of_means'])} | "
                      f"{us(r['kvmnet_tx_timestamp']['p50_of_means'])} | "
                      f"{us(r['kvmnet_clock_before_sendto']['p50_of_means'])} |")
+    lines += ["", "Load average (1 min) before/after each size, the machine being shared: " + ", ".join(
+        f"{r['guests']}: {r['loadavg_before'][0]:.1f}/{r['loadavg_after'][0]:.1f}" for r in results) + "."]
     lines += ["", "smokeping_prober CPU: " + ", ".join(f"{r['guests']}: {r['smokeping']['cpu_percent']:.1f}%"
                                                     for r in results) + " of one core.", ""]
     lines += ["", "fping again at the end (the lab did not drift): " +
@@ -360,15 +408,16 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     cleanup()
     results = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         for n in (int(x) for x in args.sizes.split(",")):
             results.append(bench(n, args.seconds))
+            out.write_text(report(results, args.seconds))  # after each size: a later failure keeps these
+            out.with_suffix(".json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     finally:
         cleanup()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report(results, args.seconds))
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        restore_neighbour_limits()
     print(out.read_text())
     return 0
 

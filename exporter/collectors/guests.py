@@ -182,12 +182,14 @@ class GuestProber:
         self.namespaces = self.watched if self.discover else []
         self.prober.set_targets(getattr(loaded, "targets", []))
         lab = getattr(loaded, "lab", None)
-        try:
-            identity = importlib.import_module("kvmnet.exporter.sources.identity")
-            self.directory = identity.GuestDirectory(lab=lab)
-        except Exception as exc:  # noqa: BLE001 - names only: tap names are used without it
-            log.debug("event=identity_unavailable error=%r", str(exc))
-            self.directory = None
+        if self.directory is not None:
+            self.directory.set_lab(lab)
+        else:
+            try:
+                identity = importlib.import_module("kvmnet.exporter.sources.identity")
+                self.directory = identity.GuestDirectory(lab=lab)
+            except Exception as exc:  # noqa: BLE001 - names only: tap names are used without it
+                log.debug("event=identity_unavailable error=%r", str(exc))
         if not self.discover:
             self.prober.set_targets([], source="discovery")
 
