@@ -155,3 +155,16 @@ def test_accel_detection():
     assert accel in ("kvm", "tcg") and qemu.accel_reason()
     ok, why = qemu._probe_kvm(accel="tcg", cpu="qemu64", timeout=60)
     assert ok, why
+
+
+def test_image_builds_in_a_fresh_cache_and_is_reused(tmp_path, monkeypatch):
+    """The real build (apt-get download, dpkg-deb -x, pack) into an empty cache, with progress; then a cache hit."""
+    monkeypatch.setenv("KVMNET_CACHE_DIR", str(tmp_path))
+    lines: list[str] = []
+    img = image.ensure_image(progress=lines.append)
+    assert [l.split()[1] for l in lines] == ["downloading", "extracting", "packing", "ready"], lines
+    assert img.kernel.stat().st_size > 1_000_000 and img.initrd.stat().st_size > 500_000
+    assert img.kernel.parent.parent == tmp_path / "guest"
+    assert list((tmp_path / "guest").glob("build-*")) == [], "no half-built directory left"
+    lines.clear()
+    assert image.ensure_image(progress=lines.append) == img and lines == []
