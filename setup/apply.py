@@ -381,7 +381,8 @@ class Applier:
         idx = self.net.index(a.ns, a.name)
         for address in a.args["addresses"]:
             _addr(self.net.ipr(a.ns), "del", idx, address)
-        self.record({"op": "flushed", "ns": a.ns, "dev": a.name, "addresses": a.args["addresses"]})
+        self.record({"op": "flushed", "ns": a.ns, "dev": a.name, "addresses": a.args["addresses"],
+                     "gateway": a.args.get("gateway")})
 
     def do_route_add(self, a: Action) -> None:
         try:
@@ -483,6 +484,13 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
             elif op == "flushed":
                 for address in item["addresses"]:
                     _addr(net.ipr(ns), "add", net.index(ns, item["dev"]), address)
+                if item.get("gateway"):
+                    try:
+                        net.ipr(ns).route("add", dst="0.0.0.0/0", gateway=item["gateway"],
+                                          oif=net.index(ns, item["dev"]))
+                    except NetlinkError as e:
+                        if e.code != errno.EEXIST:
+                            raise
             elif op == "route":
                 _ignore_missing(net.ipr(ns).route, "del", dst="0.0.0.0/0", gateway=item["gateway"],
                                 oif=net.index(ns, item["dev"]))

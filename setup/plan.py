@@ -140,11 +140,11 @@ def plan(lab: Lab, obs: Observed, force: bool = False) -> list[Action]:
                         f"uplink.name: {up.name} carries the default route; moving its addresses "
                         f"({', '.join(addresses)}) to {bridge} would cut this host off until the route is re-added "
                         f"on {bridge}. Use --force to move the addresses and the default route together")
-                add("addr_flush", host, up.name, addresses=addresses)
-                if default == up.name:
-                    gw = up.gateway or obs.default_gw.get(host)
-                    if gw:
-                        add("route_add", host, bridge, gateway=str(gw))
+                gw = (up.gateway or obs.default_gw.get(host)) if default == up.name else None
+                # The kernel drops the default route with the address; `down` puts both back on the uplink.
+                add("addr_flush", host, up.name, addresses=addresses, gateway=str(gw) if gw else None)
+                if gw:
+                    add("route_add", host, bridge, gateway=str(gw))
             if have is None or have.master != bridge:
                 add("master", host, up.name, bridge=bridge)
         elif have is not None and not have.up:

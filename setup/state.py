@@ -5,7 +5,8 @@ was edited, and leaves alone what was there before (a real host's uplink, a name
     taps.json   {TAP: {"bridge": BR, "netns": NS}}       read by kvmnet-ifup, which QEMU calls with only the ifname
 
 An ITEM is a dict with "op" and what undoing it needs:
-    netns {name}  link {ns, name}  addr {ns, dev, address}  flushed {ns, dev, addresses}  route {ns, gateway, dev}
+    netns {name}  link {ns, name}  addr {ns, dev, address}  flushed {ns, dev, addresses, gateway}
+    route {ns, gateway, dev}
     light {ns (guest's), name}  guest {name, ns, run_dir}  nat {ns, table}  sysctl {ns, key, old}
 """
 from __future__ import annotations

@@ -245,3 +245,50 @@ def test_nat_one_way(labs):
     ping(g1, "203.0.113.2")
     cli("down", "-c", str(f), check=True)
     assert not {host, wan, g1} & netns_list()
+
+
+def test_host_mode_moves_and_restores_the_uplink_address(labs, netns_factory, tmp_path):
+    """mode: host acts on the namespace the CLI runs in; here a scratch one standing in for a real host, whose eth1
+    has an address and the default route. Refused without --force; with it the address and the route move to br0;
+    `down` puts them back on eth1 and leaves the host as it was."""
+    import sys
+    hostns, lan = netns_factory("ksh"), netns_factory("ksw")
+    sh = lambda *a: subprocess.run(["ip", "-n", hostns, *a], check=True)  # noqa: E731
+    sh("link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", lan)
+    sh("addr", "add", "192.168.98.100/24", "dev", "eth1")
+    sh("link", "set", "eth1", "up")
+    sh("route", "add", "default", "via", "192.168.98.1")
+    subprocess.run(["ip", "-n", lan, "addr", "add", "192.168.98.3/24", "dev", "eth0"], check=True)
+    subprocess.run(["ip", "-n", lan, "link", "set", "eth0", "up"], check=True)
+    d = {"name": f"{hostns}-lab", "mode": "host",
+         "bridges": [{"name": "br0", "address": "192.168.98.100/24", "ports": ["eth1"]}],
+         "uplink": {"name": "eth1"},
+         "guests": [{"name": "g1", "kind": "netns", "tap": "g1h", "bridge": "br0", "address": "192.168.98.21/24",
+                     "netns": f"{hostns}-g1"}]}
+    labs.names.add(d["name"])
+    labs.netns.add(f"{hostns}-g1")
+    f = labs.write(d)
+    # nsenter, not `ip netns exec`: that also gives a private mount namespace, where the light guest's namespace
+    # bind mount would stay invisible to everyone else.
+    run = lambda *a: subprocess.run(["nsenter", f"--net=/run/netns/{hostns}", sys.executable, "-m",  # noqa: E731
+                                     "kvmnet.setup.cli", *a], capture_output=True, text=True)
+    p = run("up", "-c", str(f))
+    assert p.returncode == 2 and "eth1 carries the default route" in p.stderr, p.stderr
+    assert "br0" not in witness.links(hostns)
+    p = run("up", "-c", str(f), "--force")
+    assert p.returncode == 0, p.stderr
+    assert addrs(hostns, "eth1") == [] and addrs(hostns, "br0") == ["192.168.98.100/24"]
+    routes = json.loads(subprocess.run(["ip", "-n", hostns, "-j", "route", "show", "default"], capture_output=True,
+                                       text=True, check=True).stdout)
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("192.168.98.1", "br0")]
+    ping(lan, "192.168.98.21")                                        # LAN -> eth1 -> br0 -> light guest
+    assert json.loads(run("up", "-c", str(f), "--json").stdout)["changed"] == 0
+    p = run("down", "-c", str(f))
+    assert p.returncode == 0, p.stderr
+    links = witness.links(hostns)
+    assert "br0" not in links and "g1h" not in links and "master" not in links["eth1"]
+    assert addrs(hostns, "eth1") == ["192.168.98.100/24"]            # the address is back where it was
+    routes = json.loads(subprocess.run(["ip", "-n", hostns, "-j", "route", "show", "default"], capture_output=True,
+                                       text=True, check=True).stdout)
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("192.168.98.1", "eth1")]
+    assert f"{hostns}-g1" not in netns_list()
