@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -197,6 +198,20 @@ def _netns_prefix(netns: str) -> list[str]:
     return ["ip", "netns", "exec", netns] if netns else []
 
 
+def _start_error(output: str) -> str:
+    """One line from QEMU's stderr: its own last message without the echoed option, plus what the ifup script said
+    (`kvmnet-ifup: vm1eth0: no bridge 'br9' ...`), which is usually the actual cause."""
+    lines = [l.strip() for l in output.splitlines() if l.strip()]
+    if not lines:
+        return "no message"
+    ours = [l for l in lines if l.startswith("qemu-system")]
+    last = ours[-1] if ours else lines[-1]
+    last = re.sub(r"^qemu-system[^:]*: ", "", last)
+    last = re.sub(r"^-[a-z-]+ [^:]*: ", "", last)  # "-netdev tap,id=...: network script ... failed"
+    others = [l for l in lines if not l.startswith("qemu-system")]
+    return last + (f" ({'; '.join(others[-2:])})" if others and ours else "")
+
+
 def start(argv: Sequence[str], netns: str = "", env: dict[str, str] | None = None, timeout: float = 60.0) -> int:
     """Run a build_command() argv inside namespace netns (the tap is created there) and return QEMU's pid.
 
@@ -218,10 +233,16 @@ def start(argv: Sequence[str], netns: str = "", env: dict[str, str] | None = Non
     except FileNotFoundError as e:
         raise QemuError(f"{e.filename} not found (apt-get install qemu-system-x86)") from None
     except subprocess.TimeoutExpired:
+        # Only the foreground QEMU was killed; its daemon half may already have written the pidfile.
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            if _is_qemu(pid):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
         raise QemuError(f"QEMU did not finish starting within {timeout:.0f}s") from None
     if p.returncode != 0:
-        lines = [l for l in (p.stderr + p.stdout).strip().splitlines() if l.strip()]
-        raise QemuError(f"QEMU exited with status {p.returncode}: {lines[-1] if lines else 'no message'}")
+        raise QemuError(f"QEMU exited with status {p.returncode}: {_start_error(p.stderr + p.stdout)}")
     try:
         return int(pidfile.read_text().split()[0])
     except (OSError, ValueError, IndexError):

@@ -209,3 +209,14 @@ def test_cache_key_follows_the_recipe(monkeypatch):
     assert image._recipe_hash() == before
     monkeypatch.setattr(image, "MODULES", image.MODULES[:-1])
     assert image._recipe_hash() != before
+
+
+def test_start_error_is_one_line_naming_the_cause():
+    out = ("kvmnet-ifup: kqtx: no bridge 'nobr' for kqtx in this namespace\n"
+           "qemu-system-x86_64: -netdev tap,id=net0,ifname=kqtx,script=/x/kvmnet-ifup,downscript=no: "
+           "network script /x/kvmnet-ifup failed with status 256\n")
+    assert qemu._start_error(out) == ("network script /x/kvmnet-ifup failed with status 256 "
+                                      "(kvmnet-ifup: kqtx: no bridge 'nobr' for kqtx in this namespace)")
+    assert qemu._start_error("qemu-system-x86_64: -accel kvm: failed to initialize kvm: No such file\n") == \
+        "failed to initialize kvm: No such file"
+    assert qemu._start_error("") == "no message"
