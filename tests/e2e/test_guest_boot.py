@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -168,3 +169,28 @@ def test_image_builds_in_a_fresh_cache_and_is_reused(tmp_path, monkeypatch):
     assert list((tmp_path / "guest").glob("build-*")) == [], "no half-built directory left"
     lines.clear()
     assert image.ensure_image(progress=lines.append) == img and lines == []
+
+
+def test_disk_image_guest_like_the_seeds(lab, tmp_path):
+    """The seed's shape: a qcow2 disk on virtio-blk (an empty one: no OS boots, QEMU still runs), here with a
+    multi-queue tap without vnet_hdr. QEMU itself confirms the disk and MAC; iproute2 confirms the tap flags."""
+    ns, run_dir = lab["ns"], lab["run_dir"]
+    name, tap, mac = unique_name("kqg"), unique_name("kqt"), "0a:e8:4f:c5:6a:1d"
+    disk = tmp_path / "debian-8.7.1-amd64.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    argv = qemu.build_command(name=name, tap=tap, mac=mac, run_dir=run_dir, accel="tcg", memory="512M", cpus=2,
+                              disk=disk, disk_format=qemu.disk_format(disk), multi_queue=True, vnet_hdr=False,
+                              ifup=hook("kvmnet-ifup"), ifdown=lab["ifdown"])
+    qemu.start(argv, netns=ns, env={"KVMNET_BRIDGE": "br0"})
+    with qemu.QMP(run_dir / f"{name}.qmp") as q:
+        blocks = {b["device"]: b for b in q.execute("query-block")}
+        assert blocks["disk0"]["inserted"]["drv"] == "qcow2" and blocks["disk0"]["inserted"]["file"] == str(disk)
+        assert "virtio-disk0" in blocks["disk0"]["qdev"]
+        assert q.execute("query-rx-filter", name="nic0")[0]["main-mac"] == mac
+    info = witness.links(ns)[tap]["linkinfo"]["info_data"]
+    assert info["type"] == "tap" and info["multi_queue"] is True and info["vnet_hdr"] is False, info
+    assert witness.bridge_ports(ns)[tap]["master"] == "br0"
+    # No OS to press the power button for: stop falls through to QMP quit, which still runs the downscript.
+    assert qemu.stop(run_dir, name, timeout=2) == "quit"
+    assert qemu_alive(str(run_dir)) == [] and tap not in witness.links(ns)
+    assert lab["marker"].read_text().split() == [tap]
