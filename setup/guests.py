@@ -42,8 +42,10 @@ def start(lab: Lab, g: Guest, run_dir: Path, progress=lambda s: None) -> int:
                               cpus=g.cpus, ifup=hook("kvmnet-ifup"), ifdown=hook("kvmnet-ifdown"),
                               multi_queue=tap.multi_queue, vnet_hdr=tap.vnet_hdr, **boot)
     progress(f"starting QEMU guest {g.name} ({accel}) on {g.tap}")
-    # The hooks find the bridge in taps.json; KVMNET_BRIDGE makes it certain for this QEMU's own hook calls.
-    return qemu.start(argv, netns=lab.host_netns, env={"KVMNET_BRIDGE": g.bridge})
+    # As in the seed, QEMU calls the hook with only the tap's name; kvmnet-ifup finds the bridge in taps.json
+    # (written by `up` before any guest starts), so that lookup is what every lab guest exercises.
+    # ($KVMNET_BRIDGE, if the user exported it, still overrides: it is the hooks' documented manual knob.)
+    return qemu.start(argv, netns=lab.host_netns)
 
 
 def alive(run_dir: str | Path, name: str) -> bool:
