@@ -314,6 +314,9 @@ def _check(lab: Lab) -> None:
             raise _fail("uplink.lan", "only for mode: netns (on a real host the LAN is real)")
     if lab.namespaces and lab.namespaces.lan == lab.namespaces.host:
         raise _fail("namespaces.lan", f"same as namespaces.host: {lab.namespaces.host!r}")
+    if lab.mode == "netns" and lab.uplink and not lab.uplink.lan:
+        # Its far end needs a home: without one it would land in the root namespace.
+        raise _fail("uplink.lan", "required in netns mode (the far end of the uplink, e.g. lan: {addresses: []})")
     if lab.uplink and lab.uplink.lan and not lab.lan_netns:
         raise _fail("namespaces.lan", "required when uplink.lan is given")
 

@@ -100,6 +100,8 @@ def test_host_mode_has_no_namespace():
     ({"bridges__0__stp": {"enabled": True, "forward_delay": 99}}, "bridges[0].stp.forward_delay:"),
     ({"bridges__0__ports": ["eth9"]}, "bridges[0].ports[0]: no such device in the lab"),
     ({"namespaces": None}, "namespaces: required in netns mode"),
+    ({"uplink": {"name": "eth1"}}, "uplink.lan: required in netns mode"),
+    ({"namespaces": {"host": "t-host"}}, "namespaces.lan: required when uplink.lan is given"),
     ({"taps__0__owner": "no-such-user-here"}, "taps[0].owner: no such user: 'no-such-user-here'"),
     ({"guests__0__name": "vm 1"}, "guests[0].name: not a valid name"),
 ])
