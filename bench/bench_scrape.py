@@ -173,6 +173,7 @@ def run_size(taps: int, rounds: int, fdb_per_tap: int, log_dir: Path) -> dict:
             "kvm_gz": len(last["kvmnet"][0]), "node_gz": len(last["node_exporter"][0]),
             "kvm_ctype": last["kvmnet"][1].get("Content-Type"), "node_ctype": last["node_exporter"][1].get("Content-Type"),
             "rss_mb": rss / 1024, "hwm_mb": hwm / 1024, "collectors": coll, "rounds": rounds,
+            "load": os.getloadavg()[0],
         }
     finally:
         for p in procs:
@@ -200,13 +201,13 @@ def report(results: list[dict], node_version: str) -> str:
         "request sent to the compressed body read.",
         "",
         "| taps | bridges | static FDB | kvmnet p50 ms | kvmnet p90 ms | node p50 ms | node p90 ms | ratio p50 | "
-        "kvmnet series | node series | kvmnet RSS MB (peak) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "kvmnet series | node series | kvmnet RSS MB (peak) | load avg |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(f"| {r['taps']} | {r['bridges']} | {r['fdb_static']} | {ms(r['kvm_p50'])} | {ms(r['kvm_p90'])} "
                      f"| {ms(r['node_p50'])} | {ms(r['node_p90'])} | {r['kvm_p50'] / r['node_p50']:.2f} "
-                     f"| {r['kvm_series']} | {r['node_series']} | {r['rss_mb']:.1f} ({r['hwm_mb']:.1f}) |")
+                     f"| {r['kvm_series']} | {r['node_series']} | {r['rss_mb']:.1f} ({r['hwm_mb']:.1f}) | {r['load']:.1f} |")
     lines += ["", "kvmnet's own per-collector time in the last scrape (kvmnet_scrape_collector_duration_seconds, "
               "watched namespace):", ""]
     for r in results:
