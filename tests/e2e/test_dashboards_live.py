@@ -10,7 +10,11 @@ The lab (namespaces built here with `ip`, uniquely named, removed afterwards):
                                                                                  -> KvmnetTapCarrierLost (+ GuestDown)
       taps -- vms    10.77.0.22  tap guest: 100ms delay (netem, else the guest answers late)
                                                                                  -> KvmnetGuestLatencyHigh
+      kdp4 -- gnic   10.77.0.14  light guest: sets its NIC down                  -> KvmnetPortCarrierLost (+ GuestDown)
+      kdp5 -- gflap  10.77.0.15  light guest: NIC down/up 3 times   -> KvmnetPortCarrierFlapping, KvmnetStpStateFlapping
       tapf -- vmf    10.77.0.23  tap guest: sends from 40 made-up MACs          -> KvmnetPortMacFlood
+      tapr -- vmr    10.77.0.24  tap made by its process (QEMU's ifname=): killed, the tap goes
+                                                                                 -> KvmnetTapRemoved (+ GuestDown)
     a second watched namespace, deleted                                           -> KvmnetCollectorFailing
     the exporter itself, killed last                                              -> KvmnetExporterDown
 
@@ -36,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -58,10 +63,14 @@ SCRAPE = 1              # seconds: the datasource's scrape interval setting in G
 
 LIGHT = [("gok", "kdp1", "10.77.0.11", "02:00:00:77:00:11"),
          ("gdown", "kdp2", "10.77.0.12", "02:00:00:77:00:12"),
-         ("gloss", "kdp3", "10.77.0.13", "02:00:00:77:00:13")]
+         ("gloss", "kdp3", "10.77.0.13", "02:00:00:77:00:13"),
+         ("gnic", "kdp4", "10.77.0.14", "02:00:00:77:00:14"),
+         ("gflap", "kdp5", "10.77.0.15", "02:00:00:77:00:15")]
 TAPS = [("vmk", "tapk", "10.77.0.21", "02:00:00:77:00:21"),
         ("vms", "taps", "10.77.0.22", "02:00:00:77:00:22"),
-        ("vmf", "tapf", "10.77.0.23", "02:00:00:77:00:23")]
+        ("vmf", "tapf", "10.77.0.23", "02:00:00:77:00:23"),
+        ("vmr", "tapr", "10.77.0.24", "02:00:00:77:00:24")]
+PERSISTENT = {"tapk", "taps", "tapf"}  # tapr is made by its process, as QEMU makes an ifname= tap, and goes with it
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -114,17 +123,20 @@ class LiveLab:
         exe = self.tmp / "qemu-system-x86_64"  # /proc/PID/cmdline then reads like QEMU's
         exe.symlink_to(os.path.realpath(sys.executable))
         for name, tap, addr, mac in TAPS:
-            sh("ip", "-n", h, "tuntap", "add", "dev", tap, "mode", "tap")  # persistent, as kvmnet-setup makes them
-            sh("ip", "-n", h, "link", "set", tap, "master", "br0", "up")
+            if tap in PERSISTENT:  # as kvmnet-setup makes them
+                sh("ip", "-n", h, "tuntap", "add", "dev", tap, "mode", "tap")
+                sh("ip", "-n", h, "link", "set", tap, "master", "br0", "up")
             p = subprocess.Popen(["ip", "netns", "exec", h, str(exe), str(TAP_GUEST), tap, addr, mac,
                                   "-name", name, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                                   "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
                                  stdout=subprocess.PIPE, text=True)
             assert p.stdout.readline().strip() == "ready", f"tap guest {name} did not start"
             self.procs[name] = p
+            if tap not in PERSISTENT:  # what QEMU's ifup script does
+                sh("ip", "-n", h, "link", "set", tap, "master", "br0", "up")
         lab = {"name": self.host, "mode": "netns", "namespaces": {"host": h},
                "bridges": [{"name": "br0", "address": "10.77.0.1/24"}],
-               "taps": [{"name": tap} for _, tap, _, _ in TAPS],
+               "taps": [{"name": tap} for _, tap, _, _ in TAPS if tap in PERSISTENT],
                "guests": [{"name": n, "kind": "netns", "netns": self.guest_ns[n], "tap": port, "bridge": "br0",
                            "mac": mac, "address": f"{addr}/24"} for n, port, addr, mac in LIGHT]
                + [{"name": n, "kind": "qemu", "tap": tap, "bridge": "br0", "mac": mac, "address": f"{addr}/24"}
@@ -180,6 +192,21 @@ class LiveLab:
             return f"netem delay 100ms on {port}"
         self.procs[name].send_signal(signal.SIGUSR1)
         return "the guest answers 100 ms late (no netem in this kernel)"
+
+    def nic_down(self, name: str) -> str:
+        sh("ip", "-n", self.guest_ns[name], "link", "set", "eth0", "down")
+        return f"guest {name} sets its NIC down"
+
+    def flap(self, name: str, times: int = 3) -> str:
+        """Down and up, slowly enough for 1s scrapes to see each state; in the background."""
+        def run():
+            for _ in range(times):
+                sh("ip", "-n", self.guest_ns[name], "link", "set", "eth0", "down")
+                time.sleep(2.5)
+                sh("ip", "-n", self.guest_ns[name], "link", "set", "eth0", "up")
+                time.sleep(2.5)
+        threading.Thread(target=run, daemon=True).start()
+        return f"guest {name}'s NIC down and up {times} times, 2.5s apart"
 
     def mac_flood(self, name: str) -> str:
         self.procs[name].send_signal(signal.SIGUSR2)
@@ -394,9 +421,15 @@ EXPECTED = {
     "vmk": ("KvmnetTapCarrierLost", {"device": "tapk", "guest": "vmk"}, 30 + 2 + 30),
     "vmk-down": ("KvmnetGuestDown", {"guest": "vmk"}, 60 + 3 + 30),
     "gloss": ("KvmnetGuestPacketLoss", {"guest": "gloss"}, 120 + 15 + 40),
-    "vms": ("KvmnetGuestLatencyHigh", {"guest": "vms"}, 60 + 5 + 30),
+    "vms": ("KvmnetGuestLatencyHigh", {"guest": "vms"}, 60 + 5 + 45),
     "vmf": ("KvmnetPortMacFlood", {"device": "tapf", "bridge": "br0"}, 60 + 2 + 30),
     "extra": ("KvmnetCollectorFailing", {"collector": "bridge"}, 120 + 2 + 30),
+    "vmr": ("KvmnetTapRemoved", {"device": "tapr", "guest": "vmr"}, 30 + 2 + 30),
+    "vmr-down": ("KvmnetGuestDown", {"guest": "vmr"}, 60 + 3 + 30),
+    "gnic": ("KvmnetPortCarrierLost", {"device": "kdp4", "guest": "gnic", "kind": "veth"}, 60 + 2 + 30),
+    "gnic-down": ("KvmnetGuestDown", {"guest": "gnic"}, 60 + 3 + 30),
+    "gflap": ("KvmnetPortCarrierFlapping", {"device": "kdp5"}, 60 + 15 + 30),
+    "gflap-stp": ("KvmnetStpStateFlapping", {"device": "kdp5", "state": "forwarding"}, 60 + 15 + 30),
 }
 
 
@@ -404,7 +437,8 @@ def test_each_fault_raises_its_own_alert(live):
     lab, prom = live
     wait_history(prom, BASELINE)
     EXPECTED["extra"][1]["netns"] = lab.extra
-    EXPECTED["gdown"][1]["netns"] = EXPECTED["vmk-down"][1]["netns"] = lab.host
+    for k in ("gdown", "vmk-down", "vmr-down", "gnic-down"):
+        EXPECTED[k][1]["netns"] = lab.host
     faults = {}
     t0 = time.time()
     lab.kill_guest("gdown"); faults["gdown"] = ("namespace of light guest gdown deleted", time.time())
@@ -414,6 +448,10 @@ def test_each_fault_raises_its_own_alert(live):
     how = lab.add_delay("vms", "taps"); faults["vms"] = (how, time.time())
     how = lab.mac_flood("vmf"); faults["vmf"] = (how, time.time())
     delete_netns(lab.extra); faults["extra"] = (f"watched namespace {lab.extra} deleted", time.time())
+    lab.kill_tap_holder("vmr"); faults["vmr"] = ("process holding non-persistent tap tapr killed", time.time())
+    faults["vmr-down"] = faults["vmr"]
+    how = lab.nic_down("gnic"); faults["gnic"] = faults["gnic-down"] = (how, time.time())
+    how = lab.flap("gflap"); faults["gflap"] = faults["gflap-stp"] = (how, time.time())
 
     fired: dict[str, float] = {}
     unexpected: dict[tuple, dict] = {}
@@ -431,10 +469,10 @@ def test_each_fault_raises_its_own_alert(live):
                 unexpected.setdefault(tuple(sorted(lbl.items())), a)
         time.sleep(0.5)
 
-    report = ["", f"{'alert':<26} {'labels':<36} {'fault':<62} time to fire"]
+    report = ["", f"{'alert':<26} {'labels':<56} {'fault':<78} time to fire"]
     for k, (name, want, limit) in EXPECTED.items():
         t = f"{fired[k]:.1f}s" if k in fired else f"NOT FIRED in {limit}s"
-        report.append(f"{name:<26} {json.dumps(want):<36} {faults[k][0]:<62} {t}")
+        report.append(f"{name:<26} {json.dumps(want):<56} {faults[k][0]:<78} {t}")
     print("\n".join(report))
     (Path(prom.tmp) / "time_to_fire.txt").write_text("\n".join(report) + "\n")
     missing = [k for k in EXPECTED if k not in fired]
@@ -458,3 +496,75 @@ def test_exporter_down(live):
             return
         time.sleep(0.5)
     raise AssertionError("KvmnetExporterDown did not fire within 92s")
+
+
+# ---------------------------------------------------------------------------------------------------- real QEMU
+
+def qemu_pid(netns: str, tap: str) -> int:
+    for pid in sh("ip", "netns", "pids", netns).stdout.split():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"qemu" in Path(argv[0].decode()).name.encode() and any(tap.encode() in a for a in argv):
+            return int(pid)
+    raise AssertionError(f"no QEMU holds {tap} in {netns}")
+
+
+@pytest.mark.qemu
+def test_qemu_guest_killed(tmp_path):
+    """The seed lab by kvmnet-setup with real QEMU guests: SIGKILL vm1's QEMU (no downscript runs, as when QEMU
+    crashes). Its persistent tap stays on br0 without carrier: KvmnetTapCarrierLost names vm1eth0 and vm1, then
+    KvmnetGuestDown names vm1; nothing names vm2."""
+    if PROMETHEUS is None:
+        pytest.skip("prometheus not installed")
+    from tests.netns.setup_labs import Labs, cli
+
+    labs = Labs(tmp_path)
+    exporter = prom = None
+    try:
+        path, lab = labs.seed()
+        host = lab["namespaces"]["host"]
+        cli("up", "-c", str(path), check=True, timeout=600)
+        port = free_port()
+        exe = Path(sys.executable).parent / "kvmnet-exporter"
+        exporter = subprocess.Popen([str(exe), "--lab", str(path), "--web.listen-address", f"127.0.0.1:{port}"],
+                                    stdout=open(tmp_path / "exporter.log", "w"), stderr=subprocess.STDOUT)
+        prom = Prometheus(tmp_path, f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 240  # TCG boots take ~7s alone, longer on a busy machine
+        while True:
+            up = {r["metric"]["guest"] for r in prom.query("kvmnet_guest_up == 1")}
+            named = {r["metric"]["device"]: r["metric"].get("guest") for r in prom.query("kvmnet_port_info")}
+            if {"vm1", "vm2"} <= up and named.get("vm1eth0") == "vm1":
+                break
+            assert time.monotonic() < deadline, f"guests never up: {up} {named}"
+            time.sleep(1)
+        time.sleep(5)
+        firing = [a["labels"] for a in prom.alerts() if a["state"] == "firing"]
+        assert not firing, firing
+
+        os.kill(qemu_pid(host, "vm1eth0"), signal.SIGKILL)
+        t0 = time.time()
+        want = {"KvmnetTapCarrierLost": ({"device": "vm1eth0", "guest": "vm1"}, 30 + 2 + 30),
+                "KvmnetGuestDown": ({"guest": "vm1"}, 60 + 3 + 30)}
+        fired: dict[str, float] = {}
+        while time.time() < t0 + max(m for _, m in want.values()) and len(fired) < len(want):
+            for a in prom.alerts():
+                lbl = a["labels"]
+                assert lbl.get("guest") != "vm2" and lbl.get("device") != "vm2eth0", lbl
+                w = want.get(lbl["alertname"])
+                if w and a["state"] == "firing" and all(lbl.get(k) == v for k, v in w[0].items()):
+                    fired.setdefault(lbl["alertname"], time.time() - t0)
+            time.sleep(0.5)
+        print("\n" + "\n".join(f"{n:<22} {json.dumps(w):<40} QEMU of vm1 SIGKILLed  "
+                               f"{fired[n]:.1f}s" if n in fired else f"{n} NOT FIRED"
+                               for n, (w, _) in want.items()))
+        assert set(fired) == set(want), fired
+        assert all(fired[n] <= m for n, (_, m) in want.items()), fired
+    finally:
+        if exporter is not None and exporter.poll() is None:
+            exporter.kill()
+            exporter.wait()
+        if prom is not None:
+            prom.stop()
+        labs.cleanup()
