@@ -542,8 +542,16 @@ class Prober:
                 s.pending.clear()
                 self._note_unavailable(key, "netns_gone", why)
 
+    def _prune(self, order: list[GuestState]) -> None:
+        """Forget sockets and failures of (namespace, family) pairs no target uses any more (after a reload)."""
+        used = {(st.target.netns, st.family) for st in order}
+        for key in [k for k in self._unavailable if k not in used]:
+            del self._unavailable[key]
+        for key in [k for k, s in self._sockets.items() if k not in used and not s.pending]:
+            self._sockets.pop(key).close()
+
     def unavailable(self) -> dict[tuple[str, int], str]:
-        return dict(self._unavailable)
+        return dict(self._unavailable)  # a C-level copy: safe from a scrape thread
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _on_result(self, p: _Pending, rtt: float | None) -> None:
@@ -597,6 +605,7 @@ class Prober:
                     self._check_namespaces()
                     with self.lock:
                         order = list(self._order)
+                    self._prune(order)
                     i = 0
                 slot = self.interval / max(len(order), 1)
                 while i < len(order) and cycle_start + i * slot <= now:
@@ -630,7 +639,8 @@ class Prober:
             return out
 
     def sockets(self) -> list[tuple[str, str, str]]:
-        return sorted((s.netns, FAMILY_NAME[s.family], s.mode) for s in self._sockets.values())
+        socks = list(self._sockets.values())  # one C-level copy: the loop thread may add one meanwhile
+        return sorted((s.netns, FAMILY_NAME[s.family], s.mode) for s in socks)
 
     # -- on demand -----------------------------------------------------------------------------------------------
     async def probe(self, address: str, netns: str = "", count: int = 3, budget: float = 3.0) -> "ProbeResult":
@@ -642,29 +652,26 @@ class Prober:
             self._loop = loop
         start = loop.time()
         result = ProbeResult(sent=0, rtts=[], errors=[])
-        s = self.socket_for(netns, family)
-        if s is None:
-            result.errors.append(self._unavailable.get((netns, family), "no socket"))
-            result.duration = loop.time() - start
-            return result
         # Spread the packets over the first half of the budget and wait for replies until its end.
         gap = min(0.2, budget / 2 / max(count, 1))
-        futs: list[asyncio.Future] = []
-        pend: list[_Pending] = []
+        sent: list[tuple[asyncio.Future, IcmpSocket, _Pending]] = []
         for k in range(count):
+            result.sent += 1
+            # Asked each time: the background loop may have closed an idle socket or the namespace may be gone.
+            s = self.socket_for(netns, family)
+            if s is None:
+                result.errors.append(self._unavailable.get((netns, family), "no socket"))
+                continue
             fut = loop.create_future()
             try:
-                pend.append(s.send(fut, str(addr), budget))
-                futs.append(fut)
+                sent.append((fut, s, s.send(fut, str(addr), max(start + budget - loop.time(), 0))))
             except OSError as exc:
                 result.errors.append(exc.strerror or str(exc))
-            result.sent += 1
             if k + 1 < count:
                 await asyncio.sleep(gap)
-        if futs:
-            remaining = start + budget - loop.time()
-            await asyncio.wait(futs, timeout=max(remaining, 0))
-        for fut, p in zip(futs, pend):
+        if sent:
+            await asyncio.wait([f for f, _, _ in sent], timeout=max(start + budget - loop.time(), 0))
+        for fut, s, p in sent:
             if fut.done() and fut.result() is not None:
                 result.rtts.append(fut.result())
             else:
