@@ -16,7 +16,8 @@
 #   SYS_ADMIN        setns() into the namespaces named with --netns (mounted from the host's /run/netns, rslave so
 #                    namespaces created later appear). Not needed when watching only the host namespace.
 #   SYS_PTRACE, DAC_READ_SEARCH   reading another user's /proc/PID/fd (libvirt runs QEMU as libvirt-qemu).
-#   apparmor=unconfined           Docker's default AppArmor profile denies setns and mount-namespace paths.
+#   apparmor=unconfined           only if your host's AppArmor profile for containers blocks setns or /run/netns
+#                                 (Docker's default seccomp profile allows setns once SYS_ADMIN is granted).
 # The image runs as a non-root user; the interpreter carries those four as permitted file capabilities and the
 # exporter raises what the container was granted (and says at start what is missing).
 

@@ -185,9 +185,10 @@ def test_netlink_overflow_resyncs(netns, exporters):
     before = values(e.samples(), "kvmnet_netlink_resyncs_total", netns=netns)
     assert before, "no resync counter for the namespace"
     batch = []
-    for i in range(1000):  # ~8000 events: create both ends, enslave, up, flap once
+    for i in range(1000):  # ~10000 events: create both ends, enslave, up, flap twice
         batch += [f"link add v{i} type veth peer name w{i}", f"link set v{i} master br0 up",
-                  f"link set w{i} up", f"link set v{i} down", f"link set v{i} up"]
+                  f"link set w{i} up", f"link set v{i} down", f"link set v{i} up", f"link set w{i} down",
+                  f"link set w{i} up"]
     subprocess.run(["ip", "-n", netns, "-batch", "-"], input="\n".join(batch) + "\n", text=True, check=True)
     samples = e.samples()
     assert ports(samples, netns) == witness_ports(netns) and len(ports(samples, netns)) == 1000
