@@ -1,7 +1,7 @@
 """Survival: the real kvmnet-exporter through what a busy KVM host and the network throw at it.
 
 Every test here runs in CI (scripts/test.sh runs the whole suite). Those marked `slow` take 10-60 s each (tap churn
-for 15 s, a slow-client deadline, real QEMU guests); deselect them for a quick run with `-m "not slow"`. The
+for 15 s, 2000 veths for the event burst, a slow-client deadline, real QEMU guests); deselect them for a quick run with `-m "not slow"`. The
 10-minute soak is not a test: bench/soak.py, results in bench/results/soak.md.
 
 The witness for the topology is iproute2 (tests/witness.py); the exporter's log must never hold a traceback.
@@ -177,6 +177,7 @@ def test_tap_churn_while_scraping(netns, exporters):
 
 # --- Netlink overflow ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_netlink_overflow_resyncs(netns, exporters):
     """A burst of link events between two scrapes overflows the event socket (ENOBUFS); the exporter notices,
     resyncs with full dumps, and reports exactly what iproute2 sees."""
