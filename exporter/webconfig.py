@@ -16,7 +16,8 @@ reuse the files they already have for node_exporter & co.
 `WebConfigError`: one line naming the field (`tls_server_config.min_version: unknown TLS version 'TLS9'`).
 Differences from Go, said plainly: `curve_preferences`, `prefer_server_cipher_suites` and `http2` are accepted and
 not applied (OpenSSL's defaults; aiohttp speaks HTTP/1.1 only); `RequireAnyClientCert` is refused, because
-Python's ssl module cannot require a client certificate without verifying it.
+Python's ssl module cannot require a client certificate without verifying it. Changed files are picked up while
+running (`Rotation`): renewed certificates and changed passwords need no restart.
 """
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ class WebConfig:
     headers: dict[str, str] = field(default_factory=dict)
     allowed_sans: list[str] = field(default_factory=list)
     middlewares: tuple = ()
+    files: list[str] = field(default_factory=list)  # the file itself and the certificate files it names
 
 
 def _fail(path: str, where: str, msg: str) -> WebConfigError:
@@ -123,12 +125,13 @@ def _str_list(path: str, where: str, value: Any) -> list[str]:
     return [_str(path, f"{where}[{i}]", v) for i, v in enumerate(value)]
 
 
-def _tls(path: str, tls: dict) -> tuple[ssl.SSLContext, list[str]]:
+def _tls(path: str, tls: dict) -> tuple[ssl.SSLContext, list[str], list[str]]:
     where = "tls_server_config"
     for key in ("cert_file", "key_file"):
         if key not in tls:
             raise _fail(path, f"{where}.{key}", "missing")
     cert, key = _file(path, f"{where}.cert_file", tls["cert_file"]), _file(path, f"{where}.key_file", tls["key_file"])
+    files = [cert, key]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(cert, key)
@@ -159,8 +162,9 @@ def _tls(path: str, tls: dict) -> tuple[ssl.SSLContext, list[str]]:
         raise _fail(path, f"{where}.client_auth_type", f"unknown client auth type {auth!r}")
     ctx.verify_mode = _CLIENT_AUTH[auth]
     if "client_ca_file" in tls:
+        files.append(_file(path, f"{where}.client_ca_file", tls["client_ca_file"]))
         try:
-            ctx.load_verify_locations(_file(path, f"{where}.client_ca_file", tls["client_ca_file"]))
+            ctx.load_verify_locations(files[-1])
         except ssl.SSLError as exc:
             raise _fail(path, f"{where}.client_ca_file", f"cannot load CA certificates: {exc}") from None
     elif ctx.verify_mode != ssl.CERT_NONE:
@@ -168,7 +172,7 @@ def _tls(path: str, tls: dict) -> tuple[ssl.SSLContext, list[str]]:
     sans = _str_list(path, f"{where}.client_allowed_sans", tls.get("client_allowed_sans"))
     if sans and ctx.verify_mode == ssl.CERT_NONE:
         raise _fail(path, f"{where}.client_allowed_sans", "needs a client_auth_type that verifies certificates")
-    return ctx, sans
+    return ctx, sans, files
 
 
 def _users(path: str, users: dict) -> dict[str, bytes]:
@@ -181,8 +185,8 @@ def _users(path: str, users: dict) -> dict[str, bytes]:
     return out
 
 
-def load(path: str) -> WebConfig:
-    """Read and check a web config file; build the SSL context and the middlewares it asks for."""
+def parse(path: str) -> WebConfig:
+    """Read and check a web config file; build its SSL context (no middlewares yet)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -193,27 +197,95 @@ def load(path: str) -> WebConfig:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
         raise WebConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
     top = _mapping(path, "(top level)", data, {"tls_server_config", "http_server_config", "basic_auth_users"})
-    cfg = WebConfig(path=path)
+    cfg = WebConfig(path=path, files=[path])
     tls = _mapping(path, "tls_server_config", top.get("tls_server_config"), _TLS_KEYS)
     if tls:
-        cfg.ssl_context, cfg.allowed_sans = _tls(path, tls)
+        cfg.ssl_context, cfg.allowed_sans, files = _tls(path, tls)
+        cfg.files += files
     http = _mapping(path, "http_server_config", top.get("http_server_config"), _HTTP_KEYS)
     if "http2" in http and not isinstance(http["http2"], bool):
         raise _fail(path, "http_server_config.http2", f"must be true or false, got {type(http['http2']).__name__}")
     headers = _mapping(path, "http_server_config.headers", http.get("headers"), _HEADERS)
     cfg.headers = {k: _str(path, f"http_server_config.headers.{k}", v) for k, v in headers.items()}
     cfg.users = _users(path, _mapping(path, "basic_auth_users", top.get("basic_auth_users"), None))
+    return cfg
+
+
+def load(path: str) -> WebConfig:
+    """`parse()`, plus the middlewares, plus picking up changed files while running (see `Rotation`)."""
+    cfg = parse(path)
+    rotation = Rotation(cfg)
+    if cfg.ssl_context is not None:
+        cfg.ssl_context.sni_callback = rotation.sni  # runs on every handshake, SNI or not
     mws = []
     if cfg.headers:
         mws.append(headers_middleware(cfg.headers))
     if cfg.allowed_sans:
         mws.append(sans_middleware(cfg.allowed_sans))
     if cfg.users:
-        mws.append(BasicAuth(cfg.users).middleware)
+        rotation.auth = BasicAuth(cfg.users, rotation.check)
+        mws.append(rotation.auth.middleware)
     cfg.middlewares = tuple(mws)
     logs.event(log, "web_config_loaded", file=path, tls=cfg.ssl_context is not None,
-               client_auth=tls.get("client_auth_type", "NoClientCert") if tls else "-", users=len(cfg.users))
+               client_auth=cfg.ssl_context.verify_mode.name if cfg.ssl_context else "-", users=len(cfg.users))
     return cfg
+
+
+def _stamps(files: list[str]) -> tuple:
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+class Rotation:
+    """Certificates get renewed and passwords changed while the exporter runs. As the Go exporters re-read their web
+    config, this re-reads ours when the file or a certificate file it names changes (checked at most once a second,
+    on TLS handshakes and on authenticated requests): new connections get the new certificate and key, requests are
+    checked against the new users. A file that no longer parses is logged and the old settings stay. Turning TLS
+    or basic auth on or off, and the other TLS settings, take a restart."""
+
+    def __init__(self, cfg: WebConfig) -> None:
+        self.path, self.files = cfg.path, cfg.files
+        self.stamp = _stamps(self.files)
+        self.context = cfg.ssl_context
+        self.auth: BasicAuth | None = None
+        self._checked = time.monotonic()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        stamp = _stamps(self.files)
+        if stamp == self.stamp:
+            return
+        self.stamp = stamp
+        try:
+            new = parse(self.path)
+        except WebConfigError as exc:
+            logs.event(log, "web_config_reload_failed", logging.ERROR, error=str(exc), action="keeping the old one")
+            return
+        self.files = new.files
+        self.stamp = _stamps(self.files)
+        if self.context is not None and new.ssl_context is not None:
+            self.context = new.ssl_context
+        if self.auth is not None and new.users:
+            self.auth.set_users(new.users)
+        if (self.context is None) != (new.ssl_context is None) or (self.auth is None) != (not new.users):
+            logs.event(log, "web_config_restart_needed", logging.WARNING,
+                       reason="TLS or basic auth turned on or off")
+        logs.event(log, "web_config_reloaded", file=self.path, users=len(new.users))
+
+    def sni(self, sslobj, server_name, context) -> None:
+        self.check()
+        if self.context is not None and self.context is not context:
+            sslobj.context = self.context
+        return None
 
 
 def headers_middleware(headers: dict[str, str]):
@@ -257,10 +329,15 @@ class BasicAuth:
 
     _DUMMY = b"$2b$10$dHsMiULRphgMnHSJy8A58edTZzF65iyNTbUZ9lgD7YVBeJMvqMIHG"  # cost 10, like htpasswd -B
 
-    def __init__(self, users: dict[str, bytes]) -> None:
+    def __init__(self, users: dict[str, bytes], before=None) -> None:
         self.users = users
+        self._before = before  # Rotation.check: pick up a changed file first
         self._cache: dict[bytes, float] = {}
         self._sem = asyncio.Semaphore(2)
+
+    def set_users(self, users: dict[str, bytes]) -> None:
+        self.users = users
+        self._cache = {}  # the keys include the hash, but a removed user must not linger for CACHE_SECONDS
 
     def _key(self, user: str, password: bytes, hashed: bytes) -> bytes:
         return hashlib.sha256(b"\0".join((user.encode(), password, hashed))).digest()
@@ -285,6 +362,8 @@ class BasicAuth:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
+        if self._before is not None:
+            self._before()
         creds = parse_basic(request.headers.get("Authorization", ""))
         if creds is None or not await self.verify(*creds):
             raise web.HTTPUnauthorized(text="Unauthorized\n", headers={"WWW-Authenticate": 'Basic realm="kvmnet"'})

@@ -154,3 +154,51 @@ def test_bad_web_config_one_line_exit_2(pki, tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "tls_server_config.key_file: missing" in lines[0], p.stderr
+
+
+def peer_cert(port: int) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw_sock:
+        with ctx.wrap_socket(raw_sock) as s:
+            return s.getpeercert(binary_form=True)
+
+
+def der(path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(open(path).read())
+
+
+def test_renewed_certificate_and_changed_password_need_no_restart(tmp_path):
+    for name in ("a", "b"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=localhost-{name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=tmp_path)
+    for ext in ("crt", "key"):
+        (tmp_path / f"server.{ext}").write_bytes((tmp_path / f"a.{ext}").read_bytes())
+    web_yml = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\nbasic_auth_users:\n  u: '{h}'\n"
+    hash_of = lambda pw: bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()  # noqa: E731
+    (tmp_path / "web.yml").write_text(web_yml.format(h=hash_of("one")))
+    e = Exporter(tmp_path / "web.yml")
+    try:
+        assert peer_cert(e.port) == der(tmp_path / "a.crt")
+        # Renewed the way certbot/cert-manager do it: new files moved into place.
+        for ext in ("key", "crt"):
+            (tmp_path / f"new.{ext}").write_bytes((tmp_path / f"b.{ext}").read_bytes())
+            os.replace(tmp_path / f"new.{ext}", tmp_path / f"server.{ext}")
+        time.sleep(1.1)
+        peer_cert(e.port)  # this handshake notices the change
+        assert peer_cert(e.port) == der(tmp_path / "b.crt")
+        insecure = ["-k"]
+        assert curl(*insecure, "-u", "u:one", e.url + "/metrics")[0] == 200
+        (tmp_path / "web.yml").write_text(web_yml.format(h=hash_of("two")))
+        time.sleep(1.1)
+        assert curl(*insecure, "-u", "u:one", e.url + "/metrics")[0] == 401
+        assert curl(*insecure, "-u", "u:two", e.url + "/metrics")[0] == 200
+        # A broken file is logged and the last good settings keep serving.
+        (tmp_path / "web.yml").write_text("basic_auth_users:\n  u: not-a-hash\n")
+        time.sleep(1.1)
+        assert curl(*insecure, "-u", "u:two", e.url + "/metrics")[0] == 200
+    finally:
+        err = e.stop()
+    assert "event=web_config_reloaded" in err and "event=web_config_reload_failed" in err, err
+    assert "Traceback" not in err, err
