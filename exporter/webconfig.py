@@ -99,8 +99,11 @@ def _mapping(path: str, where: str, value: Any, allowed: set[str] | None) -> dic
     if not isinstance(value, dict):
         raise _fail(path, where, f"must be a mapping, got {type(value).__name__}")
     for k in value:
-        if not isinstance(k, str) or (allowed is not None and k not in allowed):
-            raise _fail(path, f"{where}.{k}" if where != "(top level)" else str(k), "unknown key")
+        key = f"{where}.{k}" if where != "(top level)" else str(k)
+        if not isinstance(k, str):
+            raise _fail(path, key, f"keys must be strings, got {type(k).__name__} (quote it)")
+        if allowed is not None and k not in allowed:
+            raise _fail(path, key, "unknown key")
     return value
 
 

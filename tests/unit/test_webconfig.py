@@ -58,6 +58,7 @@ def test_tls_relative_paths_and_versions(tmp_path):
     ("tls_config:\n  cert_file: server.crt\n", "tls_config: unknown key"),
     ("basic_auth_users:\n  alice: hunter2\n", "basic_auth_users.alice: not a bcrypt hash"),
     ("basic_auth_users: [alice]\n", "basic_auth_users: must be a mapping, got list"),
+    ("basic_auth_users:\n  123: x\n", "basic_auth_users.123: keys must be strings, got int"),
     ("http_server_config:\n  headers:\n    X-Powered-By: me\n", "http_server_config.headers.X-Powered-By: unknown key"),
     ("http_server_config:\n  http2: yes please\n", "http_server_config.http2: must be true or false, got str"),
     ("tls_server_config: [\n", "invalid YAML"),
