@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.event(log, "starting", version=__version__, address=f"{host or ''}:{port}",
                tls=ssl_context is not None, netns=",".join(n for n in loaded.watched if n) or "-",
                collectors=",".join(sorted({c.name for c in service.collectors})) or "-")
-    privileges.drop(port)  # before the event loop and its threads: capabilities are per thread
+    # Before the event loop and its threads: capabilities are per thread.
+    privileges.drop(port, netns=any(loaded.watched) or any(t.netns for t in loaded.targets),
+                    probe=settings.enabled.get("probe", True), identity=settings.enabled.get("identity", True))
     try:
         limits.serve(app, host, port, ssl_context)  # web.run_app plus connection cap and slow-client deadlines
     except OSError as exc:

@@ -10,6 +10,9 @@ What it needs, and why:
   The kernel guards them with a ptrace check, and QEMU usually runs as another user (libvirt-qemu) or as root with
   more capabilities than we keep. Without them, guests are named from the lab file and libvirt's XML only.
 - CAP_NET_BIND_SERVICE only if the listen port is below 1024.
+What a run does not use is not kept: with no named namespace (watched, or named by a probe target) CAP_SYS_ADMIN
+goes, and a reload cannot add one (restart instead); `--no-collector.probe` drops CAP_NET_RAW,
+`--no-collector.identity` the two /proc ones.
 Not needed: everything else, including CAP_NET_ADMIN (the netlink event socket then gets net.core.rmem_max bytes
 instead of 8 MiB: more ENOBUFS resyncs under bursts, never wrong numbers; add it, or raise rmem_max, to avoid that).
 
@@ -48,8 +51,16 @@ class _Data(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
-def needed(port: int) -> set[int]:
-    caps = {CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH}
+def needed(port: int, netns: bool = True, probe: bool = True, identity: bool = True) -> set[int]:
+    """What this run needs: `netns` if any named namespace is watched or probed from, `probe` if the prober runs,
+    `identity` if guests are named from /proc."""
+    caps = set()
+    if probe:
+        caps.add(CAP_NET_RAW)
+    if netns:
+        caps.add(CAP_SYS_ADMIN)
+    if identity:
+        caps |= {CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH}
     if 0 < port < 1024:
         caps.add(CAP_NET_BIND_SERVICE)
     return caps
@@ -86,10 +97,10 @@ def _names(mask: int) -> str:
     return ",".join(NAMES.get(c, str(c)) for c in sorted(NAMES) if mask >> c & 1) or "-"
 
 
-def drop(port: int) -> None:
-    """Keep only what `needed(port)` lists (raising it into the effective set if it is only permitted, as with file
+def drop(port: int, netns: bool = True, probe: bool = True, identity: bool = True) -> None:
+    """Keep only what `needed(...)` lists (raising it into the effective set if it is only permitted, as with file
     capabilities on a non-root container user), log it once, and warn about what is missing."""
-    keep = needed(port)
+    keep = needed(port, netns, probe, identity)
     keep_mask = sum(1 << c for c in keep)
     try:
         effective, permitted = current()
@@ -116,6 +127,9 @@ def drop(port: int) -> None:
         except OSError as exc:
             logs.event(log, "privileges_not_dropped", logging.WARNING, error=exc)
     missing = keep_mask & ~effective
+    if os.geteuid() == 0 and not netns:
+        logs.event(log, "privileges_note", note="no named namespace: CAP_SYS_ADMIN dropped; "
+                                                "a reload that adds one needs a restart")
     if missing:
         logs.event(log, "privileges_missing", logging.WARNING, missing=_names(missing),
                    effect="no raw ICMP without CAP_NET_RAW; no other namespaces without CAP_SYS_ADMIN; "

@@ -40,3 +40,13 @@ def test_root_exporter_keeps_only_what_it_needs(netns, exporters, tmp_path):  # 
     log = e.log()
     assert "event=privileges running_as=root" in log and "CAP_NET_RAW=raw ICMP" in log
     assert "event=privileges_dropped" in log and "privileges_missing" not in log
+
+
+def test_what_a_run_does_not_use_is_not_kept(exporters):  # noqa: F811
+    """Only its own namespace, no identity: CAP_NET_RAW alone remains; the log says a reload cannot add namespaces."""
+    e = exporters("--no-collector.identity")
+    assert e.get("/metrics")[0] == 200
+    for tid in os.listdir(f"/proc/{e.proc.pid}/task"):
+        c = caps(f"/proc/{e.proc.pid}/task/{tid}/status")
+        assert c["CapEff"] == c["CapPrm"] == c["CapBnd"] == 1 << 13, {k: hex(v) for k, v in c.items()}
+    assert "event=privileges_note" in e.log()
