@@ -54,10 +54,10 @@ class Lab:
         addr = f"fd20::1:{i}" if v6 else f"10.200.1.{i}"
         return Target(name or f"g{i}" + ("v6" if v6 else ""), ipaddress.ip_address(addr), self.host)
 
-    def fping_p50(self, i: int, count: int = 20) -> float:
+    def fping_p50(self, i: int, count: int = 20, period_ms: int = 20) -> float:
         """fping's median RTT to guest i, in seconds (the reference)."""
-        out = subprocess.run(["ip", "netns", "exec", self.host, "fping", "-C", str(count), "-p", "20", "-q",
-                              f"10.200.1.{i}"], capture_output=True, text=True).stderr
+        out = subprocess.run(["ip", "netns", "exec", self.host, "fping", "-C", str(count), "-p", str(period_ms),
+                              "-q", f"10.200.1.{i}"], capture_output=True, text=True).stderr
         vals = [float(v) for v in out.split(":", 1)[1].split() if v != "-"]
         return statistics.median(vals) / 1000
 
@@ -83,14 +83,14 @@ def state(prober: Prober, name: str):
 
 async def test_up_and_sane_rtt_ipv4_and_ipv6(lab):
     lb = lab(2)
-    p = Prober(interval=0.1, timeout=0.5)
+    p = Prober(interval=0.1, timeout=1.0)
     p.set_targets([lb.target(1), lb.target(2), lb.target(1, v6=True)])
-    socks = await run_for(p, 2.0)
-    ref = lb.fping_p50(1)
+    # fping at the same time, so both see the same machine (tests run beside other work on 2 cores).
+    socks, ref = await asyncio.gather(run_for(p, 2.5), asyncio.to_thread(lb.fping_p50, 1, 20, 100))
     for name in ("g1", "g2", "g1v6"):
         st = state(p, name)
         assert st.up, name
-        assert st.requests >= 15 and st.replies >= st.requests - 1, (name, st.requests, st.replies)
+        assert st.requests >= 15 and st.replies >= st.requests - 2, (name, st.requests, st.replies)
         med = statistics.median(st.recent)
         # Same goal as the benchmark: within 2x fping's p50 + 50 us, and not absurdly small either.
         assert 0 < med <= 2 * ref + 50e-6, (name, med, ref)
@@ -100,13 +100,13 @@ async def test_up_and_sane_rtt_ipv4_and_ipv6(lab):
 async def test_datagram_mode_when_ping_group_range_allows(lab):
     lb = lab(1)
     subprocess.run(["ip", "netns", "exec", lb.host, "sysctl", "-qw", "net.ipv4.ping_group_range=0 0"], check=True)
-    p = Prober(interval=0.1, timeout=0.5, mode="dgram")
+    p = Prober(interval=0.1, timeout=1.0, mode="dgram")
     p.set_targets([lb.target(1), lb.target(1, v6=True)])
     socks = await run_for(p, 1.5)
     assert [m for _, _, m in socks] == ["dgram", "dgram"]
     for name in ("g1", "g1v6"):
         st = state(p, name)
-        assert st.up and st.replies >= st.requests - 1 >= 10
+        assert st.up and st.replies >= st.requests - 2 >= 10, (name, st.requests, st.replies)
 
 
 def test_neither_mode_allowed_says_what_to_grant(netns):
@@ -202,8 +202,9 @@ def delayed_guest(lab):
     for key in ("net.ipv4.icmp_echo_ignore_all=1", "net.ipv6.icmp.echo_ignore_all=1"):
         subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", key], check=True)
     here = os.path.dirname(__file__)
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.join(here, "delay_responder.py"),
-                             "0.005"], stdout=subprocess.PIPE, text=True)
+    # Real-time priority: on a busy machine a normal process wakes up milliseconds late, and the witness with it.
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "chrt", "-f", "10", sys.executable,
+                             os.path.join(here, "delay_responder.py"), "0.005"], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield lb
@@ -216,8 +217,7 @@ async def test_delay_5ms_p50(delayed_guest):
     lb = delayed_guest
     p = Prober(interval=0.02, timeout=1.0)
     p.set_targets([lb.target(1), lb.target(1, v6=True)])
-    await run_for(p, 3.0)
-    ref = lb.fping_p50(1, count=50)
+    _, ref = await asyncio.gather(run_for(p, 3.0), asyncio.to_thread(lb.fping_p50, 1, 50, 50))
     assert abs(ref - 0.005) <= 0.0005, ref  # the witness agrees with the setting
     for name in ("g1", "g1v6"):
         med = statistics.median(state(p, name).recent)
