@@ -63,6 +63,7 @@ PAYLOAD_SIZE = 56  # fping's and ping's default: 64-byte ICMP messages
 COOKIE_SIZE = 8
 ANC_SIZE = socket.CMSG_SPACE(48) + socket.CMSG_SPACE(16) + socket.CMSG_SPACE(64)  # timestamps + IP_RECVERR
 RECENT = 256  # raw RTTs kept per guest: exact quantiles for /probe-style checks and tests, not exported
+RETRY_OPEN = 1.0  # seconds before trying again to open a socket that failed (namespace gone, not permitted)
 TICK = 0.01  # the finest batch spacing of sends, seconds
 
 # 10 us, 20 us, ... 5.24 s: 20 exponential buckets spanning a veth pair to a congested WAN.
@@ -434,6 +435,7 @@ class Prober:
         self._order: list[GuestState] = []
         self._sockets: dict[tuple[str, int], IcmpSocket] = {}
         self._unavailable: dict[tuple[str, int], str] = {}  # (netns, family) -> why; logged once
+        self._retry_at: dict[tuple[str, int], float] = {}  # (netns, family) -> loop time to try opening again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -500,15 +502,21 @@ class Prober:
         s = self._sockets.get(key)
         if s is not None:
             return s
+        loop = self._loop or asyncio.get_running_loop()
+        if loop.time() < self._retry_at.get(key, 0.0):
+            return None  # failed a moment ago: not one setns + two socket() calls per target per cycle
         try:
             s = IcmpSocket(netns, family, self._loop or asyncio.get_running_loop(), self._on_result, self.mode,
                            self.payload_size, self.tx_timestamps)
         except nsmod.NetnsGone as exc:
+            self._retry_at[key] = loop.time() + RETRY_OPEN
             self._note_unavailable(key, "netns_gone", str(exc))
             return None
         except OSError as exc:
+            self._retry_at[key] = loop.time() + RETRY_OPEN
             self._note_unavailable(key, "probe_socket_failed", str(exc))
             return None
+        self._retry_at.pop(key, None)
         self._sockets[key] = s
         if key in self._unavailable:
             del self._unavailable[key]
@@ -547,6 +555,7 @@ class Prober:
         used = {(st.target.netns, st.family) for st in order}
         for key in [k for k in self._unavailable if k not in used]:
             del self._unavailable[key]
+            self._retry_at.pop(key, None)
         for key in [k for k, s in self._sockets.items() if k not in used and not s.pending]:
             self._sockets.pop(key).close()
 

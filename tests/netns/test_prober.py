@@ -313,7 +313,9 @@ async def test_namespace_deleted_under_the_prober_and_back(lab, caplog):
         ns = lb.guests["g1"]
         ip("-n", ns, "addr", "add", "10.200.1.1/16", "dev", "eth0")
         ip("-n", ns, "link", "set", "eth0", "up")
-        await asyncio.sleep(1.5)
+        back = time.monotonic()
+        while not state(p, "g1").up and time.monotonic() - back < 5:
+            await asyncio.sleep(0.05)
         assert state(p, "g1").up
         assert p.sockets() == [(lb.host, "ipv4", "raw")]
     finally:
