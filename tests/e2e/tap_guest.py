@@ -10,8 +10,8 @@ IPV4 and ICMP echo requests to it, from MAC. Prints "ready" once it holds the ta
 
 Faults, by signal:
 - SIGUSR1: answer echo requests 100 ms late from now on (a guest starved of CPU; no netem needed);
-- SIGUSR2: send 40 frames from 40 made-up source MACs (a guest flooding or spoofing MACs): the bridge learns them
-  on the tap.
+- SIGUSR2: send one frame from each of 40 made-up source MACs (KVMNET_TEST_FLOOD in the environment says how
+  many), as a guest flooding or spoofing MACs does: the bridge learns them on the tap. Again to refresh them.
 Standard library only.
 """
 import fcntl
@@ -27,7 +27,7 @@ import time
 TUNSETIFF = 0x400454CA  # <linux/if_tun.h>
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 DELAY = 0.1
-FLOOD = 40
+FLOOD = int(os.environ.get("KVMNET_TEST_FLOOD", "40"))
 
 
 def checksum(data: bytes) -> int:
@@ -93,7 +93,7 @@ def main() -> None:
         if state["flood"]:
             state["flood"] = False
             for i in range(FLOOD):
-                fake = bytes([0x02, 0xEE, 0, 0, i >> 8, i & 0xFF])
+                fake = bytes([0x02, 0xEE, 0, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
                 os.write(fd, b"\xff" * 6 + fake + struct.pack("!H", 0x88B5) + b"kvmnet-test".ljust(46, b"\0"))
         timeout = max(0.0, pending[0][0] - now) if pending else 0.5
         try:

@@ -12,9 +12,13 @@ The lab (namespaces built here with `ip`, uniquely named, removed afterwards):
                                                                                  -> KvmnetGuestLatencyHigh
       kdp4 -- gnic   10.77.0.14  light guest: sets its NIC down                  -> KvmnetPortCarrierLost (+ GuestDown)
       kdp5 -- gflap  10.77.0.15  light guest: NIC down/up 3 times   -> KvmnetPortCarrierFlapping, KvmnetStpStateFlapping
-      tapf -- vmf    10.77.0.23  tap guest: sends from 40 made-up MACs          -> KvmnetPortMacFlood
+      kdp6 -- gbad   10.77.0.16  light guest: 50 VLAN-tagged frames/s to br0's MAC -> KvmnetBridgeDropsRising
+      tapf -- vmf    10.77.0.23  tap guest: sends from 3400 made-up MACs   -> KvmnetPortMacFlood, KvmnetBridgeFdbNearLimit
       tapr -- vmr    10.77.0.24  tap made by its process (QEMU's ifname=): killed, the tap goes
                                                                                  -> KvmnetTapRemoved (+ GuestDown)
+      taph -- vmh    10.77.0.25  tap guest hangs (SIGSTOP) while the host sends it 50 packets/s
+                                                                                 -> KvmnetPortDropsRising (+ GuestDown)
+    stpa, stpb: two STP bridges joined twice (a loop), made at fault time       -> KvmnetStpPortBlocking
     a second watched namespace, deleted                                           -> KvmnetCollectorFailing
     the exporter itself, killed last                                              -> KvmnetExporterDown
 
@@ -27,6 +31,8 @@ namespace. Prometheus loads dashboards/*.rules.yml as they are, scrape and evalu
 3. All faults at once, each on its own guest; each raises its own alert naming the right guest or device within
    the rule's window, and nothing else fires; the time to fire of each is printed (run with -s) and asserted.
 4. The exporter is killed: KvmnetExporterDown.
+Only KvmnetPortErrorsRising and KvmnetBridgeErrorsRising are left to promtool: taps, veths and bridges count no
+errors a test can provoke (tun refuses a malformed frame with EINVAL and counts nothing).
 Netem is not built into every kernel (CONFIG_NET_SCH_NETEM); without it loss comes from an nftables rule dropping
 30% of echo requests in the guest, and delay from the guest answering 100 ms late.
 """
@@ -60,17 +66,20 @@ PROMETHEUS = shutil.which("prometheus")
 BASELINE = 200          # seconds of healthy history before the faults (see KvmnetGuestLatencyHigh)
 LOOKBACK = 240          # the range the dashboard queries cover, as a Grafana time range "last 4 minutes"
 SCRAPE = 1              # seconds: the datasource's scrape interval setting in Grafana
+FDB_FLOOD = 3400        # made-up MACs from vmf: > 80% of kvmnet:fdb_learned_limit (4096)
 
 LIGHT = [("gok", "kdp1", "10.77.0.11", "02:00:00:77:00:11"),
          ("gdown", "kdp2", "10.77.0.12", "02:00:00:77:00:12"),
          ("gloss", "kdp3", "10.77.0.13", "02:00:00:77:00:13"),
          ("gnic", "kdp4", "10.77.0.14", "02:00:00:77:00:14"),
-         ("gflap", "kdp5", "10.77.0.15", "02:00:00:77:00:15")]
+         ("gflap", "kdp5", "10.77.0.15", "02:00:00:77:00:15"),
+         ("gbad", "kdp6", "10.77.0.16", "02:00:00:77:00:16")]
 TAPS = [("vmk", "tapk", "10.77.0.21", "02:00:00:77:00:21"),
         ("vms", "taps", "10.77.0.22", "02:00:00:77:00:22"),
         ("vmf", "tapf", "10.77.0.23", "02:00:00:77:00:23"),
-        ("vmr", "tapr", "10.77.0.24", "02:00:00:77:00:24")]
-PERSISTENT = {"tapk", "taps", "tapf"}  # tapr is made by its process, as QEMU makes an ifname= tap, and goes with it
+        ("vmr", "tapr", "10.77.0.24", "02:00:00:77:00:24"),
+        ("vmh", "taph", "10.77.0.25", "02:00:00:77:00:25")]
+PERSISTENT = {"tapk", "taps", "tapf", "taph"}  # tapr is made by its process, as QEMU makes an ifname= tap, and goes with it
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -103,7 +112,8 @@ class LiveLab:
         self.procs: dict[str, subprocess.Popen] = {}
         self.exporter: subprocess.Popen | None = None
         self.exporter_port = free_port()
-        self.netem = False
+        self.background: list[subprocess.Popen] = []
+        self.stop = threading.Event()
 
     def build(self) -> None:
         for ns in self.namespaces:
@@ -126,10 +136,11 @@ class LiveLab:
             if tap in PERSISTENT:  # as kvmnet-setup makes them
                 sh("ip", "-n", h, "tuntap", "add", "dev", tap, "mode", "tap")
                 sh("ip", "-n", h, "link", "set", tap, "master", "br0", "up")
+            env = {**os.environ, "KVMNET_TEST_FLOOD": str(FDB_FLOOD if name == "vmf" else 40)}
             p = subprocess.Popen(["ip", "netns", "exec", h, str(exe), str(TAP_GUEST), tap, addr, mac,
                                   "-name", name, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                                   "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
-                                 stdout=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, text=True, env=env)
             assert p.stdout.readline().strip() == "ready", f"tap guest {name} did not start"
             self.procs[name] = p
             if tap not in PERSISTENT:  # what QEMU's ifup script does
@@ -209,8 +220,55 @@ class LiveLab:
         return f"guest {name}'s NIC down and up {times} times, 2.5s apart"
 
     def mac_flood(self, name: str) -> str:
-        self.procs[name].send_signal(signal.SIGUSR2)
-        return "40 frames from 40 source MACs"
+        """FDB_FLOOD made-up source MACs, sent again every minute so that none ages out (ageing_time 300s)."""
+        def run():
+            while not self.stop.is_set():
+                self.procs[name].send_signal(signal.SIGUSR2)
+                self.stop.wait(60)
+        threading.Thread(target=run, daemon=True).start()
+        return f"frames from {FDB_FLOOD} made-up source MACs, every minute"
+
+    def python_in(self, netns: str, code: str) -> None:
+        self.background.append(subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", code]))
+
+    def hang(self, name: str, addr: str, mac: str) -> str:
+        """The guest stops taking frames (SIGSTOP) while the host sends it 50 packets/s: its tap drops them."""
+        self.procs[name].send_signal(signal.SIGSTOP)
+        sh("ip", "-n", self.host, "neigh", "replace", addr, "lladdr", mac, "dev", "br0", "nud", "permanent")
+        self.python_in(self.host, "import socket, time\n"
+                       "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                       "while True:\n"
+                       f"    try:\n        s.sendto(b'x' * 64, ('{addr}', 9))\n"
+                       "    except OSError:\n        pass\n"  # ENOBUFS when the queue is full: the point
+                       "    time.sleep(0.02)\n")
+        return f"guest {name} hung (SIGSTOP), the host sends it 50 packets/s"
+
+    def frames_host_drops(self, name: str) -> str:
+        """50 VLAN-tagged frames/s from the guest to br0's own MAC: the host has no VLAN device, the bridge drops."""
+        br_mac = json.loads(sh("ip", "-n", self.host, "-j", "link", "show", "br0").stdout)[0]["address"]
+        self.python_in(self.guest_ns[name], "import socket, time\n"
+                       "s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('eth0', 0))\n"
+                       f"f = bytes.fromhex('{br_mac.replace(':', '')}') + bytes.fromhex('020000770016') + "
+                       "bytes.fromhex('8100000508004500') + bytes(40)\n"
+                       "while True:\n"
+                       "    try:\n        s.send(f)\n"
+                       "    except OSError:\n        pass\n"
+                       "    time.sleep(0.02)\n")
+        return f"guest {name} sends 50 VLAN-tagged frames/s to br0's MAC"
+
+    def stp_loop(self) -> str:
+        """Two STP bridges joined twice: spanning tree blocks one of the second bridge's ports."""
+        h = self.host
+        for br, prio in (("stpa", 4096), ("stpb", 32768)):
+            sh("ip", "-n", h, "link", "add", "name", br, "type", "bridge", "stp_state", "1", "forward_delay", "200",
+               "hello_time", "100", "priority", str(prio))
+        for i in (1, 2):
+            sh("ip", "-n", h, "link", "add", "name", f"sa{i}", "type", "veth", "peer", "name", f"sb{i}")
+            sh("ip", "-n", h, "link", "set", f"sa{i}", "master", "stpa", "up")
+            sh("ip", "-n", h, "link", "set", f"sb{i}", "master", "stpb", "up")
+        sh("ip", "-n", h, "link", "set", "stpa", "up")
+        sh("ip", "-n", h, "link", "set", "stpb", "up")
+        return "bridges stpa and stpb (STP on) joined by two veth pairs: a loop"
 
     def kill_exporter(self) -> None:
         if self.exporter and self.exporter.poll() is None:
@@ -218,6 +276,10 @@ class LiveLab:
             self.exporter.wait()
 
     def cleanup(self) -> None:
+        self.stop.set()
+        for p in self.background:
+            p.kill()
+            p.wait()
         self.kill_exporter()
         for p in self.procs.values():
             if p.poll() is None:
@@ -430,6 +492,11 @@ EXPECTED = {
     "gnic-down": ("KvmnetGuestDown", {"guest": "gnic"}, 60 + 3 + 30),
     "gflap": ("KvmnetPortCarrierFlapping", {"device": "kdp5"}, 60 + 15 + 30),
     "gflap-stp": ("KvmnetStpStateFlapping", {"device": "kdp5", "state": "forwarding"}, 60 + 15 + 30),
+    "vmf-fdb": ("KvmnetBridgeFdbNearLimit", {"bridge": "br0", "type": "learned"}, 300 + 5 + 40),
+    "vmh": ("KvmnetPortDropsRising", {"device": "taph", "bridge": "br0"}, 300 + 10 + 40),
+    "vmh-down": ("KvmnetGuestDown", {"guest": "vmh"}, 60 + 3 + 30),
+    "gbad": ("KvmnetBridgeDropsRising", {"bridge": "br0"}, 300 + 10 + 40),
+    "stp": ("KvmnetStpPortBlocking", {"bridge": "stpb", "state": "blocking"}, 120 + 10 + 40),
 }
 
 
@@ -437,7 +504,7 @@ def test_each_fault_raises_its_own_alert(live):
     lab, prom = live
     wait_history(prom, BASELINE)
     EXPECTED["extra"][1]["netns"] = lab.extra
-    for k in ("gdown", "vmk-down", "vmr-down", "gnic-down"):
+    for k in ("gdown", "vmk-down", "vmr-down", "gnic-down", "vmh-down"):
         EXPECTED[k][1]["netns"] = lab.host
     faults = {}
     t0 = time.time()
@@ -446,12 +513,15 @@ def test_each_fault_raises_its_own_alert(live):
     faults["vmk-down"] = (faults["vmk"][0], faults["vmk"][1])
     how = lab.add_loss("gloss", "kdp3"); faults["gloss"] = (how, time.time())
     how = lab.add_delay("vms", "taps"); faults["vms"] = (how, time.time())
-    how = lab.mac_flood("vmf"); faults["vmf"] = (how, time.time())
+    how = lab.mac_flood("vmf"); faults["vmf"] = faults["vmf-fdb"] = (how, time.time())
     delete_netns(lab.extra); faults["extra"] = (f"watched namespace {lab.extra} deleted", time.time())
     lab.kill_tap_holder("vmr"); faults["vmr"] = ("process holding non-persistent tap tapr killed", time.time())
     faults["vmr-down"] = faults["vmr"]
     how = lab.nic_down("gnic"); faults["gnic"] = faults["gnic-down"] = (how, time.time())
     how = lab.flap("gflap"); faults["gflap"] = faults["gflap-stp"] = (how, time.time())
+    how = lab.hang("vmh", "10.77.0.25", "02:00:00:77:00:25"); faults["vmh"] = faults["vmh-down"] = (how, time.time())
+    how = lab.frames_host_drops("gbad"); faults["gbad"] = (how, time.time())
+    how = lab.stp_loop(); faults["stp"] = (how, time.time())
 
     fired: dict[str, float] = {}
     unexpected: dict[tuple, dict] = {}
