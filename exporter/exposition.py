@@ -22,7 +22,9 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-@lru_cache(maxsize=1 << 17)
+# Bounded so tap churn (new names every minute) cannot grow memory without limit: 2^15 label sets is ~20 MiB and
+# 8x what a host with 1000 taps and 1000 guests uses (bench/results/soak.md measured the 2^17 plateau at +80 MiB).
+@lru_cache(maxsize=1 << 15)
 def _render_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
     if not pairs:
         return ""
