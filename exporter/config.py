@@ -18,7 +18,7 @@ import ipaddress
 import re
 from typing import Annotated, Any
 
-import yaml
+from kvmnet.setup import yamlfile
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -98,31 +98,6 @@ class Config(BaseModel):
         return list(dict.fromkeys(v))
 
 
-def _where(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _message(err: dict) -> str:
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "missing"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    if kind.endswith("_type") or kind == "model_type":
-        msg = re.sub(r" or instance of \w+", "", msg)
-        msg = f"{msg[:1].lower()}{msg[1:]}, got {type(err.get('input')).__name__}"
-        return msg.replace("got NoneType", "got nothing")
-    return msg[:1].lower() + msg[1:]
-
-
 def from_dict(data: Any) -> Config:
     """Validate already-parsed YAML; raise ConfigError naming the first bad field."""
     if data is None:
@@ -132,25 +107,12 @@ def from_dict(data: Any) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        raise ConfigError(f"{_where(loc)}: {_message(err)}") from None
+        raise ConfigError(yamlfile.describe(exc)) from None
 
 
 def load_config(path: str) -> Config:
     """Read and validate a config file. Every problem is a ConfigError with one line naming the field."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    data = yamlfile.read_yaml(path, ConfigError)
     return from_dict(data)
 
 

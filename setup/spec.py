@@ -26,8 +26,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from . import yamlfile
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -225,33 +226,6 @@ class Lab(_Strict):
 
 # --- loading ----------------------------------------------------------------------------------------------------
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif str(part).startswith(("function-", "lax-", "json-")) or part in ("str", "int", "IPv4Address"):
-            continue  # pydantic's union/validator branch names, not fields
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _message(err: dict) -> str:
-    kind, msg = err["type"], err["msg"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    inp = err.get("input")
-    if kind in ("literal_error", "bool_parsing", "int_parsing", "float_parsing", "greater_than_equal",
-                "less_than_equal", "int_from_float") and not isinstance(inp, (dict, list)):
-        msg += f": {inp!r}"
-    return msg
-
-
 def _fail(where: str, what: str) -> LabError:
     return LabError(f"{where}: {what}")
 
@@ -265,9 +239,7 @@ def parse_lab(data: Any, name: str = "lab", source: Path | None = None) -> Lab:
     try:
         lab = Lab.model_validate(data)
     except ValidationError as e:
-        errs = e.errors()
-        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-        raise _fail(_loc(errs[0]["loc"]), _message(errs[0]) + more) from None
+        raise LabError(yamlfile.describe(e)) from None
     lab.source = source
     _check(lab)
     return lab
@@ -275,16 +247,7 @@ def parse_lab(data: Any, name: str = "lab", source: Path | None = None) -> Lab:
 
 def load_lab(path: str | Path) -> Lab:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise LabError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise LabError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}".replace("\n", " ")) from None
+    data = yamlfile.read_yaml(path, LabError)
     return parse_lab(data, name=path.stem, source=path)
 
 

@@ -191,7 +191,7 @@ def test_bad_config_and_flags_exit_2_with_one_line(tmp_path):
     cases = [
         (["--config.file", str(bad)], "probe.targets[1].address: not an IP address: 'nope'"),
         (["--config.file", str(bad), "--config.check"], "probe.targets[1].address"),
-        (["--config.file", str(tmp_path / "missing.yml")], "missing.yml: No such file or directory"),
+        (["--config.file", str(tmp_path / "missing.yml")], "missing.yml: cannot read: No such file or directory"),
         (["--web.listen-address", "nohost"], "--web.listen-address"),
         (["--netns", "../etc"], "--netns"),
         (["--device.include", "(["], "--device.include"),

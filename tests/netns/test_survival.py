@@ -319,7 +319,7 @@ def test_silent_and_slow_clients_are_cut_off(exporters):
 
 BAD_CONFIGS = [
     ("wrong type", "probe:\n  interval: 5\n", "probe.interval: not a duration"),
-    ("missing address", "probe:\n  targets:\n    - {name: g0}\n", "probe.targets[0].address: missing"),
+    ("missing address", "probe:\n  targets:\n    - {name: g0}\n", "probe.targets[0].address: required"),
     ("bad address", "probe:\n  targets:\n    - {name: g0, address: 10.0.0.300}\n",
      "probe.targets[0].address: not an IP address"),
     ("unknown key", "netns: [a]\nprobes: {}\n", "probes: unknown key"),

@@ -47,8 +47,8 @@ def test_durations(text, seconds):
     ({"probe": {"targets": [{"name": f"g{i}", "address": "10.0.0.1"} for i in range(3)]
                 + [{"name": "g3", "address": "10.0.0.999"}]}},
      "probe.targets[3].address: not an IP address: '10.0.0.999'"),
-    ({"probe": {"targets": [{"name": "g"}]}}, "probe.targets[0].address: missing"),
-    ({"probe": {"targets": [{"address": "10.0.0.1"}]}}, "probe.targets[0].name: missing"),
+    ({"probe": {"targets": [{"name": "g"}]}}, "probe.targets[0].address: required"),
+    ({"probe": {"targets": [{"address": "10.0.0.1"}]}}, "probe.targets[0].name: required"),
     ({"probe": {"interval": 1}}, "probe.interval: not a duration (use 1s, 500ms, 2m): 1"),
     ({"probe": {"timeout": "1 sec"}}, "probe.timeout: not a duration (use 1s, 500ms, 2m): '1 sec'"),
     ({"probe": {"timeout": "0s"}}, "probe.timeout: must be more than 0"),
@@ -56,7 +56,7 @@ def test_durations(text, seconds):
     ({"scrape": 1}, "scrape: unknown key"),
     ({"probe": {"targets": [{"name": "g", "address": "10.0.0.1", "mac": "x"}]}}, "probe.targets[0].mac: unknown key"),
     ({"probe": {"down_after": "3"}}, "probe.down_after: input should be a valid integer, got str"),
-    ({"probe": {"down_after": 0}}, "probe.down_after: input should be greater than or equal to 1"),
+    ({"probe": {"down_after": 0}}, "probe.down_after: input should be greater than or equal to 1: 0"),
     ({"probe": {"discover": "maybe"}}, "probe.discover: input should be a valid boolean, got str"),
     ({"netns": "lab"}, "netns: input should be a valid list, got str"),
     ({"netns": ["ok", "no/slash"]}, "netns[1]: not a namespace name: 'no/slash'"),
@@ -72,7 +72,7 @@ def test_errors_name_the_field(data, message):
 
 
 def test_file_errors_are_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"^/nonexistent/c.yml: No such file or directory$"):
+    with pytest.raises(ConfigError, match=r"^/nonexistent/c.yml: cannot read: No such file or directory$"):
         load_config("/nonexistent/c.yml")
     f = tmp_path / "bad.yml"
     f.write_text("probe:\n  interval: [1s\n")

@@ -93,7 +93,7 @@ def test_host_mode_has_no_namespace():
     ({"guests__1__address": "10.1.2.3/24"}, "guests[1].address: 10.1.2.3/24 is outside bridge br0's subnet"),
     ({"guests__1__address": "192.168.98.21"}, "guests[1].address: address needs a prefix length"),
     ({"guests__1__bridge": "br9"}, "guests[1].bridge: no such bridge: 'br9'"),
-    ({"guests__0__kind": "xen"}, "guests[0].kind: Input should be 'qemu' or 'netns'"),
+    ({"guests__0__kind": "xen"}, "guests[0].kind: input should be 'qemu' or 'netns': 'xen'"),
     ({"guests__0__image": "/nonexistent/debian-8.7.1-amd64.img"}, "guests[0].image: no such image file"),
     ({"guests__0__cpus": 0}, "guests[0].cpus:"),
     ({"guests__0__memory": "lots"}, "guests[0].memory: not a memory size"),
