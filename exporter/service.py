@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from . import logs
-from .config import Config, ConfigError, Target, load_config, resolve_target_netns
+from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
 from .sources import netns as nsmod
 

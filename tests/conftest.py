@@ -55,3 +55,12 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if any(m in item.keywords for m in ("netns", "qemu", "prometheus")):
                 item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

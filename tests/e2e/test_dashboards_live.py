@@ -56,6 +56,7 @@ import pytest
 import yaml
 
 from tests.conftest import delete_netns, unique_name
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.netns, pytest.mark.timeout(1500)]
 
@@ -89,10 +90,6 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 10) -> bytes:

@@ -4,7 +4,6 @@ file's labels."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 
 import pytest
 import yaml
+from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "deploy", "prometheus-file-sd.yml")
@@ -22,10 +22,6 @@ EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
 pytestmark = [pytest.mark.prometheus, pytest.mark.timeout(180)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_promtool_accepts_config():

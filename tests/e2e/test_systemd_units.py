@@ -6,7 +6,6 @@ with only its CapabilityBoundingSet."""
 import os
 import re
 import shlex
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import witness
 from tests.e2e.wheelvenv import ROOT, build, in_venv
 from tests.netns.setup_labs import Labs
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 UNITS = ("kvmnet-exporter.service", "kvmnet-lab.service")
@@ -63,10 +63,6 @@ def test_exporter_unit_is_hardened(units):
         assert u[key] == [value], key
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def caps_arg(names: str) -> str:

@@ -12,15 +12,12 @@ import bcrypt
 import pytest
 import ssl
 from prometheus_client.parser import text_string_to_metric_families
+from tests.conftest import free_port
 
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
 pytestmark = pytest.mark.timeout(120)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def openssl(*args, cwd):

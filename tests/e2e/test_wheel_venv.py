@@ -7,7 +7,6 @@ loopback through its prober (CAP_NET_RAW as non-root), and run its HEALTHCHECK c
 """
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,15 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.wheelvenv import IMAGE_VENV, build, dockerfile, in_venv, instruction, script_steps
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root for setcap and setpriv"),
               pytest.mark.timeout(300)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import witness
 from tests.netns.test_identity_proc import start_fake_qemu, stop
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.netns
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ip(*argv: str) -> None:

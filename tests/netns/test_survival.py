@@ -26,15 +26,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import witness
 from tests.conftest import delete_netns, unique_name
 from tests.netns.setup_labs import RUN_DIR, Labs, netns_list
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.netns
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ip(*argv: str) -> None:

@@ -2,17 +2,13 @@
 refused (503) only when every connection is busy, silent clients are cut off, declared bodies over the limit get
 413. The real exporter under abuse: tests/netns/test_survival.py."""
 import asyncio
-import socket
 
 from aiohttp import web
 
 from kvmnet.exporter.limits import Limits, serve_async
+from tests.conftest import free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start(limits: Limits):
