@@ -9,7 +9,6 @@ Bad flags or a bad config: one line naming the field on stderr, exit 2, no trace
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import platform
 import re
@@ -17,6 +16,7 @@ import signal
 import sys
 
 from . import DEFAULT_PORT, __version__, logs
+from .collectors import guests
 from .config import ConfigError, check_netns_name
 from .service import COLLECTORS, Service, Settings, load
 
@@ -107,19 +107,11 @@ def _web_config(path: str):
 
 
 def _prober(service_settings: Settings):
-    """The prober (exporter/collectors/guests.py, the prober engineer's module), if present and enabled."""
+    """The prober and its /probe handler, unless --no-collector.probe."""
     if not service_settings.enabled.get("probe", True):
         return None, None
-    try:
-        guests = importlib.import_module("kvmnet.exporter.collectors.guests")
-    except ImportError as exc:
-        logs.event(log, "collector_unavailable", logging.WARNING, collector="probe", error=exc)
-        return None, None
-    make = getattr(guests, "make_prober", None)
-    if make is None:
-        return None, None
-    prober = make()
-    return prober, getattr(prober, "handle_probe", None)
+    prober = guests.make_prober()
+    return prober, prober.handle_probe
 
 
 def main(argv: list[str] | None = None) -> int:

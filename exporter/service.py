@@ -10,16 +10,19 @@ deleted one fails its collectors (`kvmnet_scrape_collector_success 0`) while the
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from kvmnet.setup import spec
+
 from . import logs
 from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
+from .collectors import bridges
 from .sources import netns as nsmod
+from .sources.identity import GuestDirectory
 
 log = logging.getLogger("kvmnet.service")
 
@@ -59,15 +62,12 @@ class Loaded:
 
 
 def load_lab(path: str):
-    """The lab file via kvmnet.setup.spec; its LabError becomes a ConfigError (same one-line contract)."""
-    try:
-        spec = importlib.import_module("kvmnet.setup.spec")
-    except ImportError as exc:
-        raise ConfigError(f"--lab: lab files are not supported in this build ({exc})") from None
+    """The lab file (kvmnet.setup.spec); its LabError becomes a ConfigError naming the file once."""
     try:
         return spec.load_lab(path)
-    except getattr(spec, "LabError", ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    except spec.LabError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror or exc}") from None
 
@@ -141,32 +141,16 @@ class Unguarded(Guarded):
 Factory = Callable[[str, "Service"], Any]
 
 
-def _bridge_factories() -> dict[str, Factory]:
-    """The real collectors, from exporter/collectors/bridges.py (the netlink engineer's module)."""
-    try:
-        bridges = importlib.import_module("kvmnet.exporter.collectors.bridges")
-    except ImportError as exc:
-        logs.event(log, "collector_unavailable", logging.WARNING, collector="bridge", error=exc)
-        return {}
-
-    def opts(svc: "Service") -> dict:
-        return {"identity": svc.identity if svc.settings.enabled.get("identity", True) else None,
-                "include": svc.settings.include, "exclude": svc.settings.exclude}
-
-    out: dict[str, Factory] = {"bridge": lambda ns, svc: bridges.BridgeCollector(ns, **opts(svc))}
-    if hasattr(bridges, "FdbCollector"):
-        out["fdb"] = lambda ns, svc: bridges.FdbCollector(ns, **_fdb_opts(bridges.FdbCollector, opts(svc)))
-    return out
-
-
-def _fdb_opts(cls, opts: dict) -> dict:
-    import inspect
-    params = inspect.signature(cls).parameters
-    return {k: v for k, v in opts.items() if k in params}
-
-
 def default_factories() -> dict[str, Factory]:
-    return _bridge_factories()
+    """The per-namespace collectors: links, counters and STP ("bridge"), and FDB sizes ("fdb")."""
+    def bridge(ns: str, svc: "Service"):
+        return bridges.BridgeCollector(ns, identity=svc.identity, include=svc.settings.include,
+                                       exclude=svc.settings.exclude)
+
+    def fdb(ns: str, svc: "Service"):
+        return bridges.FdbCollector(ns, include=svc.settings.include, exclude=svc.settings.exclude)
+
+    return {"bridge": bridge, "fdb": fdb}
 
 
 class Service:
@@ -179,18 +163,14 @@ class Service:
         self.prober = prober  # an object with async start(loaded), async stop(), reconfigure(loaded); optional
         self.loaded = loaded
         self.identity = self._make_identity(loaded)
+        if prober is not None:
+            prober.directory = self.identity  # one /proc scan for port names and discovered guests alike
         self._pool: dict[tuple[str, str], Guarded] = {}
         self.collectors: list = []
         self._build()
 
-    def _make_identity(self, loaded: Loaded):
-        if not self.settings.enabled.get("identity", True):
-            return None
-        try:
-            identity = importlib.import_module("kvmnet.exporter.sources.identity")
-        except ImportError:
-            return None
-        return identity.GuestDirectory(lab=loaded.lab)
+    def _make_identity(self, loaded: Loaded) -> GuestDirectory | None:
+        return GuestDirectory(lab=loaded.lab) if self.settings.enabled.get("identity", True) else None
 
     def _build(self) -> None:
         pool: dict[tuple[str, str], Guarded] = {}
@@ -212,12 +192,8 @@ class Service:
     def apply(self, loaded: Loaded) -> None:
         """Switch to a freshly loaded config; collectors for namespaces still watched are kept."""
         self.loaded = loaded
-        if self.identity is not None and hasattr(self.identity, "set_lab"):
+        if self.identity is not None:  # --collector.identity is a flag, so it cannot change on reload
             self.identity.set_lab(loaded.lab)
-        else:
-            self.identity = self._make_identity(loaded)
-            for g in self._pool.values():  # their inner collectors hold the old directory
-                g.close()
         if self.prober is not None and hasattr(self.prober, "reconfigure"):
             self.prober.reconfigure(loaded)
         self._build()

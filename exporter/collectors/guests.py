@@ -18,7 +18,6 @@ died and took the tap away) is kept for `FORGET_AFTER` seconds so it is reported
 from __future__ import annotations
 
 import asyncio
-import importlib
 import ipaddress
 import logging
 import time
@@ -168,7 +167,7 @@ class GuestProber:
         self.discover = True
         self.namespaces: list[str] = []
         self.watched: list[str] = []
-        self.directory: Any = None
+        self.directory: Any = None  # the service's GuestDirectory (guest names); None: tap names are used
         self._task: asyncio.Task | None = None
 
     def reconfigure(self, loaded: Any) -> None:
@@ -181,15 +180,6 @@ class GuestProber:
         self.watched = list(getattr(loaded, "watched", [""]))
         self.namespaces = self.watched if self.discover else []
         self.prober.set_targets(getattr(loaded, "targets", []))
-        lab = getattr(loaded, "lab", None)
-        if self.directory is not None:
-            self.directory.set_lab(lab)
-        else:
-            try:
-                identity = importlib.import_module("kvmnet.exporter.sources.identity")
-                self.directory = identity.GuestDirectory(lab=lab)
-            except Exception as exc:  # noqa: BLE001 - names only: tap names are used without it
-                log.debug("event=identity_unavailable error=%r", str(exc))
         if not self.discover:
             self.prober.set_targets([], source="discovery")
 
