@@ -36,11 +36,6 @@ def labels(**kw: object) -> str:
     return _render_pairs(tuple((k, "" if v is None else str(v)) for k, v in kw.items()))
 
 
-def label_pairs(pairs: tuple[tuple[str, str], ...]) -> str:
-    """The same as `labels()` for an ordered tuple of (name, value) pairs; cached."""
-    return _render_pairs(pairs)
-
-
 def with_label(rendered: str, name: str, value: str) -> str:
     """Append one label to a rendered label string: '{a="1"}' + le="0.5" -> '{a="1",le="0.5"}'."""
     extra = f'{name}="{_escape(value)}"'

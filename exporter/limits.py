@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -56,7 +55,6 @@ class _Conn(asyncio.Protocol):
         self.tracker, self.inner = tracker, inner
         self.transport = None
         self.busy = 0
-        self.opened = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
     def arm(self, seconds: float) -> None:

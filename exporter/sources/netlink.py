@@ -137,9 +137,6 @@ class FdbCounts:
     static: int = 0   # NUD_NOARP: added by an operator
     learned: int = 0  # dynamic
 
-    def as_tuple(self) -> tuple[int, int, int]:
-        return (self.local, self.static, self.learned)
-
 
 @dataclass(slots=True)
 class Port:

@@ -69,10 +69,3 @@ def socket_in(name: str, family: int, type: int, proto: int = 0) -> socket.socke
     with entered(name):
         return socket.socket(family, type, proto)
 
-
-def list_named() -> list[str]:
-    """Names under /run/netns, sorted."""
-    try:
-        return sorted(os.listdir(NETNS_RUN_DIR))
-    except FileNotFoundError:
-        return []
