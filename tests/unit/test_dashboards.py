@@ -260,7 +260,7 @@ def test_every_alert_is_annotated():
     for r in rules:
         assert r["alert"].startswith("Kvmnet"), r["alert"]
         assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
-        for key in ("summary", "description", "runbook"):
+        for key in ("summary", "description", "runbook_url"):  # runbooks: tests/unit/test_alerting.py
             assert r["annotations"].get(key), f"{r['alert']}: no {key}"
         text = r["annotations"]["summary"] + r["annotations"]["description"]
         # Names what is wrong: a guest, a device, a bridge, a collector or the exporter instance.
