@@ -1,4 +1,4 @@
-"""The HTTP side: /metrics, /, /healthz, POST /-/reload (and SIGHUP), and the prober's /probe.
+"""The HTTP side: /metrics, / (the operator's page, exporter/page.py), /healthz, POST /-/reload (and SIGHUP), and the prober's /probe.
 
 One scrape is in flight at a time: requests that arrive while it runs wait for it and get its result, so a flood
 of scrapes costs one scrape's work. The body is Prometheus text 0.0.4 (what Prometheus accepts whatever else it
@@ -19,21 +19,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from . import __version__, logs, scrape
+from . import __version__, logs, page, scrape
 from .exposition import CONTENT_TYPE, render
 
 log = logging.getLogger("kvmnet.web")
 
 SERVICE_KEY = web.AppKey("service", Any)
 STATE_KEY = web.AppKey("state", Any)
-
-LANDING = """<!DOCTYPE html>
-<html><head><title>kvmnet exporter</title></head>
-<body><h1>kvmnet exporter</h1>
-<p>Prometheus metrics for Linux bridges, taps and the KVM/QEMU guests behind them.</p>
-<ul><li><a href="metrics">metrics</a></li><li><a href="healthz">healthz</a></li>{probe}</ul>
-<p>version {version}</p></body></html>
-"""
 
 
 class _BuildInfo:
@@ -148,8 +140,10 @@ async def handle_metrics(request: web.Request) -> web.Response:
 
 
 async def handle_landing(request: web.Request) -> web.Response:
-    probe = '<li><a href="probe">probe</a></li>' if request.app.get(PROBE_KEY) else ""
-    return web.Response(text=LANDING.format(version=__version__, probe=probe), content_type="text/html")
+    """The operator's page (exporter/page.py): bridges, ports and guests from this exporter's own scrape."""
+    async def body() -> bytes:
+        return (await request.app[STATE_KEY].metrics()).body
+    return await request.app[PAGE_KEY].handle(request, body, probe=request.app.get(PROBE_KEY) is not None)
 
 
 async def handle_health(request: web.Request) -> web.Response:
@@ -162,6 +156,7 @@ async def handle_reload(request: web.Request) -> web.Response:
 
 
 PROBE_KEY = web.AppKey("probe_handler", Any)
+PAGE_KEY = web.AppKey("page", Any)
 
 
 def create_app(service, reload: Callable[[], Any] | None = None, *, probe_handler=None,
@@ -172,6 +167,7 @@ def create_app(service, reload: Callable[[], Any] | None = None, *, probe_handle
     app[STATE_KEY] = state
     app[SERVICE_KEY] = service
     app[PROBE_KEY] = probe_handler
+    app[PAGE_KEY] = page.Page(__version__)
     app.router.add_get("/", handle_landing)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_health)

@@ -100,6 +100,11 @@ def test_curl_tls_and_basic_auth(basic_tls, pki):
     assert curl(*ca, "-u", "nobody:correct horse", basic_tls.url + "/metrics")[0] == 401
     assert curl(*ca, basic_tls.url + "/metrics")[0] == 401
     assert curl(*ca, "-u", "prometheus:correct horse", basic_tls.url + "/healthz")[0] == 200
+    # The operator's page goes through the same middlewares as /metrics.
+    code, body = curl(*ca, "-u", "prometheus:correct horse", basic_tls.url + "/")
+    assert code == 200 and "<h2 id=\"guests\">" in body
+    assert curl(*ca, basic_tls.url + "/")[0] == 401
+    assert curl(*ca, "-u", "prometheus:wrong", basic_tls.url + "/")[0] == 401
     # An unverified server is refused by the client, plain HTTP gets no answer, TLS 1.2 is below min_version.
     assert curl("-u", "prometheus:correct horse", basic_tls.url + "/metrics")[0] == 0
     assert curl(f"http://127.0.0.1:{basic_tls.port}/metrics")[0] in (0, 400)
