@@ -123,3 +123,61 @@ class Alertmanager:
 
 def firing_alerts(notification: dict) -> list[dict]:
     return [a for a in notification["alerts"] if a["status"] == "firing"]
+
+
+PROMETHEUS = shutil.which("prometheus")
+RULES = ROOT / "dashboards"
+
+
+class Prometheus:
+    """Debian's Prometheus scraping `targets` (job kvmnet) every second, evaluating the shipped rule files as they
+    are every second, and sending alerts to `alertmanager`."""
+
+    def __init__(self, tmp: Path, targets: list[str], alertmanager: str | None = None) -> None:
+        assert PROMETHEUS, "prometheus missing: scripts/bootstrap.sh installs it"
+        self.tmp = tmp
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+               "rule_files": [str(RULES / "*.rules.yml")],
+               "scrape_configs": [{"job_name": "kvmnet", "static_configs": [{"targets": targets}]}]}
+        if alertmanager:
+            cfg["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'prom-data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            stdout=open(tmp / "prometheus.log", "w"), stderr=subprocess.STDOUT)
+        self.started = time.time()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/-/ready", timeout=2):
+                    break
+            except OSError:
+                assert self.proc.poll() is None, (tmp / "prometheus.log").read_text()
+                assert time.monotonic() < deadline, "prometheus not ready in 60s"
+                time.sleep(0.3)
+
+    def api(self, path: str, **params) -> dict:
+        import urllib.parse
+        q = urllib.parse.urlencode(params, doseq=True)
+        with urllib.request.urlopen(f"{self.base}/api/v1/{path}" + (f"?{q}" if q else ""), timeout=10) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str, t: float | None = None) -> list:
+        return self.api("query", query=expr, time=t or time.time())["result"]
+
+    def alerts(self) -> list[dict]:
+        return self.api("alerts")["alerts"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
