@@ -5,9 +5,11 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Debian packages: QEMU and the tiny guest's parts, iproute2 (the witness), the peers we benchmark against,
-# Prometheus/promtool for rules and dashboards, and systemd-analyze for the unit files.
+# Prometheus/promtool for rules and dashboards, systemd-analyze for the unit files, Alertmanager (amtool) and
+# VictoriaMetrics (vmagent, vmalert) for the alerting and fleet tests, Chromium (headless) for the host page.
 pkgs=(qemu-system-x86 qemu-utils busybox-static iproute2 iputils-ping cpio kmod xz-utils zstd nftables ethtool
-      procps fping prometheus prometheus-node-exporter prometheus-smokeping-prober systemd openssl curl)
+      procps fping prometheus prometheus-node-exporter prometheus-smokeping-prober systemd openssl curl
+      prometheus-alertmanager victoria-metrics chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
