@@ -15,13 +15,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from kvmnet.setup import spec
+from kvmnet.common import lab as spec
 
 from . import logs
 from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
 from .collectors import bridges
-from .sources import netns as nsmod
+from kvmnet.common import netns as nsmod
 from .sources.identity import GuestDirectory
 
 log = logging.getLogger("kvmnet.service")
@@ -56,13 +56,13 @@ class ProbeTarget:
 @dataclass
 class Loaded:
     config: Config
-    lab: Any  # kvmnet.setup.spec.Lab | None
+    lab: Any  # kvmnet.common.lab.Lab | None
     watched: list[str]  # "" (own namespace) first, then the named ones, sorted
     targets: list[ProbeTarget]
 
 
 def load_lab(path: str):
-    """The lab file (kvmnet.setup.spec); its LabError becomes a ConfigError naming the file once."""
+    """The lab file (kvmnet.common.lab); its LabError becomes a ConfigError naming the file once."""
     try:
         return spec.load_lab(path)
     except spec.LabError as exc:

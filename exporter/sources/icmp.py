@@ -40,7 +40,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from . import netns as nsmod
+from kvmnet.common import netns as nsmod
 
 log = logging.getLogger("kvmnet.icmp")
 
