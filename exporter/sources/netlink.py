@@ -65,7 +65,7 @@ from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-expor
     RTNLGRP_LINK, RTNLGRP_NEIGH, SOL_NETLINK, attr_spans as _attrs, error_code, iter_messages)
 
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "Port", "Counters", "FdbCounts", "Link", "Neighbour",
-           "NetnsGone", "STP_STATES", "source_for", "fdb_learned", "neighbours"]
+           "NetnsGone", "STP_STATES"]
 
 # <linux/if_tun.h>
 IFF_TUN, IFF_TAP = 0x1, 0x2
@@ -438,7 +438,7 @@ RECV_SIZE = 1 << 17     # kernel dump skbs are ~32 kB here; never truncate one
 
 class NetlinkSource:
     """One watched namespace: a request socket and an event socket, opened inside it and kept across scrapes.
-    Thread-safe (one lock): collectors of the same namespace share one source (`source_for`)."""
+    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it: service.Service.source)."""
 
     def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0) -> None:
         self.netns = netns
@@ -612,26 +612,3 @@ class NetlinkSource:
                     return chunks, intr
             if keep:
                 chunks.append(data)
-
-
-_sources: dict[str, NetlinkSource] = {}
-_sources_lock = threading.Lock()
-
-
-def source_for(netns: str) -> NetlinkSource:
-    """The process-wide source of a namespace, so every collector and the prober share one pair of sockets."""
-    with _sources_lock:
-        src = _sources.get(netns)
-        if src is None:
-            src = _sources[netns] = NetlinkSource(netns)
-        return src
-
-
-def fdb_learned(netns: str) -> dict[str, list[str]]:
-    """{port device: learned MACs} in `netns` (DEVELOPING.md contract; the same as source.learned_macs_by_port())."""
-    return source_for(netns).learned_macs_by_port()
-
-
-def neighbours(netns: str) -> list[Neighbour]:
-    """IPv4/IPv6 neighbours with a MAC in `netns`."""
-    return source_for(netns).neighbours()
