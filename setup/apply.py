@@ -112,7 +112,7 @@ class Net:
         self._index: dict[str, dict[str, int]] = {}
 
     def raw(self, ns: str) -> Rtnl:
-        """The lean socket for bulk requests (rtnl.py), also one per namespace."""
+        """The lean socket for bulk requests (common/rtnl.py), also one per namespace."""
         s = self._raw.get(ns)
         if s is None:
             s = self._raw[ns] = Rtnl(ns)

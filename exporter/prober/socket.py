@@ -32,6 +32,7 @@ SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
 SOF_TIMESTAMPING_SOFTWARE = 1 << 4
 SOL_RAW = 255
 ICMP_FILTER = 1  # <linux/icmp.h>: bitmask of ICMP types to drop on a raw socket
+ICMP6_FILTER = 1  # <linux/icmpv6.h>
 ANC_SIZE = socket.CMSG_SPACE(48) + socket.CMSG_SPACE(16) + socket.CMSG_SPACE(64)  # timestamps + IP_RECVERR
 
 
