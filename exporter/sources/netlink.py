@@ -50,7 +50,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from kvmnet.common import netns as _netns
 from kvmnet.common import rtnl
