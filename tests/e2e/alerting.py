@@ -130,15 +130,15 @@ RULES = ROOT / "dashboards"
 
 
 class Prometheus:
-    """Debian's Prometheus scraping `targets` (job kvmnet) every second, evaluating the shipped rule files as they
-    are every second, and sending alerts to `alertmanager`."""
+    """Debian's Prometheus scraping `targets` (job kvmnet) every `scrape` seconds, evaluating the shipped rule files
+    as they are every second, and sending alerts to `alertmanager`."""
 
-    def __init__(self, tmp: Path, targets: list[str], alertmanager: str | None = None) -> None:
+    def __init__(self, tmp: Path, targets: list[str], alertmanager: str | None = None, scrape: int = 1) -> None:
         assert PROMETHEUS, "prometheus missing: scripts/bootstrap.sh installs it"
         self.tmp = tmp
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        cfg = {"global": {"scrape_interval": f"{scrape}s", "evaluation_interval": "1s", "scrape_timeout": f"{scrape}s"},
                "rule_files": [str(RULES / "*.rules.yml")],
                "scrape_configs": [{"job_name": "kvmnet", "static_configs": [{"targets": targets}]}]}
         if alertmanager:

@@ -1,5 +1,5 @@
 """From fault to person, on real parts: the seed lab by kvmnet-setup (two real QEMU guests, namespaces renamed), the
-real exporter, Debian's Prometheus evaluating dashboards/*.rules.yml as shipped (scrape and evaluation every 1s,
+real exporter, Debian's Prometheus evaluating dashboards/*.rules.yml as shipped (scrape every 2s, evaluation 1s,
 the rules' `for:` untouched), Debian's Alertmanager running deploy/alertmanager.yml with its routes, grouping and
 inhibitions as shipped (only the receivers, pointed at a recorder this test runs, and the group timers, seconds
 instead of minutes, differ: tests/e2e/alerting.py), and headless Chromium reading the exporter's page.
@@ -68,7 +68,10 @@ class Stack:
             [str(exe), "--lab", str(self.path), "--web.listen-address", self.instance],
             stdout=open(self.tmp / "exporter.log", "w"), stderr=subprocess.STDOUT)
         self.am = Alertmanager(self.tmp, am_test_config(self.rec.url))
-        self.prom = Prometheus(self.tmp, [self.instance], alertmanager=self.am.url.removeprefix("http://"))
+        # Scrape every 2s with a 2s timeout: one scrape that times out on a loaded 2-core machine (Chromium starting,
+        # TCG guests) makes every series stale for a moment, and that resolves and re-fires alerts, as it would in
+        # production; the test is about routing, not about a starved scrape.
+        self.prom = Prometheus(self.tmp, [self.instance], alertmanager=self.am.url.removeprefix("http://"), scrape=2)
 
     def stop(self) -> None:
         if self.exporter is not None and self.exporter.poll() is None:
@@ -144,9 +147,6 @@ def test_guest_killed_pages_once(stack):
     assert "vm1eth0" in ann["description"] and "vm1" in ann["description"] and stack.instance in ann["description"]
     assert ann["runbook_url"].endswith("#kvmnettapcarrierlost")
 
-    # The page, while vm1 is dead (test_page_shows_the_dead_guest reads what was captured here).
-    stack.page = capture_page(stack)
-
     # KvmnetGuestDown fires for vm1 in Prometheus (its for: 1m) and is inhibited: no second page.
     wait_for("KvmnetGuestDown firing", lambda: any(
         a["labels"]["alertname"] == "KvmnetGuestDown" and a["labels"].get("guest") == "vm1" and a["state"] == "firing"
@@ -158,6 +158,8 @@ def test_guest_killed_pages_once(stack):
     assert len(notes) == 1, describe(notes)
     assert not [a["labels"] for a in prom.alerts() if a["state"] == "firing"
                 and a["labels"].get("guest") == "vm2"]
+    # The page, while vm1 is dead (test_page_shows_the_dead_guest reads what was captured here).
+    stack.page = capture_page(stack)
 
 
 def test_guest_returns_resolved(stack):
@@ -169,7 +171,9 @@ def test_guest_returns_resolved(stack):
                                                          if n[2]["status"] == "resolved"], 180, 1)
     TIMES["guest back (resolved)"] = notes[0][0] - t0
     resolved = notes[0][2]["alerts"]
-    assert {a["labels"]["alertname"] for a in resolved} == {"KvmnetTapCarrierLost"}, describe(notes)
+    # The tap alert, and with it the (never notified) KvmnetGuestDown: both resolved, both about vm1.
+    assert "KvmnetTapCarrierLost" in {a["labels"]["alertname"] for a in resolved}, describe(notes)
+    assert all(a["status"] == "resolved" and a["labels"]["guest"] == "vm1" for a in resolved), describe(notes)
     time.sleep(4)
     after = rec.notifications(stack.killed_at)
     assert len([n for n in after if firing_alerts(n[2])]) == 1, describe(after)

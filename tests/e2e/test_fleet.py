@@ -54,6 +54,16 @@ SCRAPE_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scr
 # Values of rate()/increase() differ by design (MetricsQL does not extrapolate to the window's edges and uses the
 # sample before the window): the report prints the largest relative difference per recording rule.
 METRICSQL_DIFFERENCES: dict[str, str] = {}
+# Values that differ between the engines, evaluated at the same instant, by more than VALUE_TOLERANCE.
+VALUE_TOLERANCE = 0.15
+VALUE_DIFFERENCES = {
+    "kvmnet:guest_ping_rtt_seconds:mean_rate1h":
+        "while a series is younger than the window (here ~75s of a 1h window) MetricsQL's rate() does not "
+        "extrapolate from the first sample as Prometheus does and includes the counters' values at the series' "
+        "start, so the ratio of two rates (sum/count) differs: measured about 2x here. With an hour of history "
+        "both engines agree; the rule is unchanged (KvmnetGuestLatencyHigh on VictoriaMetrics compares with the "
+        "mean since the series started during its first hour).",
+}
 REPORT: list[str] = []
 
 
@@ -319,6 +329,11 @@ def test_rules_load_and_agree(fleet):
         REPORT.append(f"{name:<44} {len(p):>18} {len(v):>10}  {maxdiff(p, v):.1%}, {maxdiff(pe, ve):.1%}")
         if (set(p) != set(v) or set(pe) != set(ve)) and name not in METRICSQL_DIFFERENCES:
             mismatched.append((name, sorted(set(p) ^ set(v))[:3], sorted(set(pe) ^ set(ve))[:3]))
+        if maxdiff(pe, ve) > VALUE_TOLERANCE:
+            if name in VALUE_DIFFERENCES:
+                REPORT.append(f"  {name}: documented difference: {VALUE_DIFFERENCES[name]}")
+            else:
+                mismatched.append((name, f"same-instant values differ by {maxdiff(pe, ve):.0%}"))
     assert not mismatched, mismatched
     firing_p = [a["labels"] for a in fleet.prom.alerts() if a["state"] == "firing"]
     firing_v = [a for a in vmalert_alerts(fleet) if a["state"] == "firing"]
