@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 MIN_INTERVAL = 1.0     # seconds: a shorter interval between samples gives rates too noisy to show
@@ -81,9 +82,8 @@ class Page:
             self.before, self.previous = prev, now
             return prev, now
 
-    async def handle(self, request, get_body: Callable[[], Awaitable[bytes]], probe: bool = False):
-        from aiohttp import web
-
+    async def handle(self, request: web.Request, get_body: Callable[[], Awaitable[bytes]],
+                     probe: bool = False) -> web.Response:
         prev, cur = await self.sample_pair(get_body)
         text = await asyncio.to_thread(render, prev, cur, self.version, probe)
         return web.Response(body=text.encode("utf-8", "backslashreplace"), content_type="text/html",
@@ -111,6 +111,10 @@ def _si(v: float | None, unit: str) -> str:
     return f"{v:.0f} {unit}" if v >= 10 or v == 0 else f"{v:.1f} {unit}"
 
 
+def _bits(bytes_per_second: float | None) -> str:
+    return _si(None if bytes_per_second is None else 8 * bytes_per_second, "bit/s")
+
+
 def _seconds(v: float | None) -> str:
     if v is None or math.isnan(v):
         return "&mdash;"
@@ -130,7 +134,8 @@ def _updown(v: float | None, up: str = "up", down: str = "down") -> str:
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#111;background:#fff}
 h1{font-size:1.4em;margin:0 0 .2em} h2{font-size:1.1em;margin:1.4em 0 .4em}
-table{border-collapse:collapse;margin-bottom:.5em} th,td{padding:.25em .7em;border-bottom:1px solid #ddd;text-align:left}
+table{border-collapse:collapse;margin-bottom:.5em}
+th,td{padding:.25em .7em;border-bottom:1px solid #ddd;text-align:left}
 th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.ok{color:#0a6b0a;font-weight:600} td.bad{color:#fff;background:#c62828;font-weight:600} td.unk{color:#777}
 tr.down td:first-child{border-left:4px solid #c62828}
@@ -163,7 +168,7 @@ one). Refreshes every {REFRESH} s. <a href="metrics">metrics</a> &middot; <a hre
         rx, tx = _rate(brx, pbrx, k, dt), _rate(btx, pbtx, k, dt)
         out.append(f'<tr{" class=down" if bup[k] != 1 else ""}><td>{show(k[0])}</td><td>{show(k[1])}</td>'
                    f'{_updown(bup[k])}<td class="num">{bports.get(k, 0):.0f}</td>'
-                   f'<td class="num">{_si(rx and rx * 8, "bit/s")}</td><td class="num">{_si(tx and tx * 8, "bit/s")}</td></tr>')
+                   f'<td class="num">{_bits(rx)}</td><td class="num">{_bits(tx)}</td></tr>')
     if not bup:
         out.append('<tr><td colspan="6">no bridges seen</td></tr>')
     out.append("</table>")
@@ -173,7 +178,8 @@ one). Refreshes every {REFRESH} s. <a href="metrics">metrics</a> &middot; <a hre
     info = {_key(l, *pkeys): l for l in cur.labels("kvmnet_port_info")}
     pup = cur.by("kvmnet_port_up", *pkeys)
     stp = {_key(l, *pkeys): l.get("state", "") for l, v in cur.series.get("kvmnet_port_stp_state", []) if v == 1}
-    counters = {n: (cur.by(f"kvmnet_port_{n}_total", *pkeys), prev.by(f"kvmnet_port_{n}_total", *pkeys) if prev else None)
+    counters = {n: (cur.by(f"kvmnet_port_{n}_total", *pkeys),
+                    prev.by(f"kvmnet_port_{n}_total", *pkeys) if prev else None)
                 for n in ("receive_bytes", "transmit_bytes", "receive_dropped", "transmit_dropped")}
     out.append('<h2 id="ports">Ports</h2><table><tr><th>namespace</th><th>bridge</th><th>device</th><th>kind</th>'
                '<th>guest</th><th>carrier</th><th>STP</th><th>receive</th><th>transmit</th><th>drops</th></tr>')
@@ -186,8 +192,7 @@ one). Refreshes every {REFRESH} s. <a href="metrics">metrics</a> &middot; <a hre
                    f'<td><code>{show(k[2])}</code></td><td>{show(i.get("kind", ""))}</td>'
                    f'<td>{show(i.get("guest", "")) or "&mdash;"}</td>{_updown(pup.get(k))}'
                    f'<td>{show(stp.get(k, "")) or "&mdash;"}</td>'
-                   f'<td class="num">{_si(r["receive_bytes"] and r["receive_bytes"] * 8, "bit/s")}</td>'
-                   f'<td class="num">{_si(r["transmit_bytes"] and r["transmit_bytes"] * 8, "bit/s")}</td>'
+                   f'<td class="num">{_bits(r["receive_bytes"])}</td><td class="num">{_bits(r["transmit_bytes"])}</td>'
                    f'<td class="num">{_si(drops, "/s")}</td></tr>')
     if not pup:
         out.append('<tr><td colspan="10">no bridge ports seen</td></tr>')
@@ -207,8 +212,7 @@ one). Refreshes every {REFRESH} s. <a href="metrics">metrics</a> &middot; <a hre
                '<th>device</th><th>ping</th><th>state</th><th>RTT (mean)</th><th>loss</th><th>last reply</th></tr>')
     for k in sorted(gup):
         gi = ginfo.get(k, {})
-        req, rep = (_rate(*g[n], k, dt) for n in ("kvmnet_guest_ping_requests_total", "kvmnet_guest_ping_replies_total"))
-        rsum, rcnt = (_rate(*g[n], k, dt) for n in ("kvmnet_guest_ping_rtt_seconds_sum", "kvmnet_guest_ping_rtt_seconds_count"))
+        req, rep, rsum, rcnt = (_rate(*g[n], k, dt) for n in g)
         loss = None if not req or rep is None else min(1.0, max(0.0, 1 - rep / req))
         rtt = rsum / rcnt if rcnt else None
         ago = f"{wall - last[k]:.0f} s ago" if last.get(k) else "never"

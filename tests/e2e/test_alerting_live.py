@@ -140,7 +140,8 @@ def test_guest_killed_pages_once(stack):
     assert len(fired) == 1, describe(notes)
     lbl = fired[0]["labels"]
     assert lbl["alertname"] == "KvmnetTapCarrierLost"
-    assert (lbl["instance"], lbl["netns"], lbl["guest"], lbl["device"]) == (stack.instance, stack.host, "vm1", "vm1eth0")
+    assert (lbl["instance"], lbl["netns"], lbl["guest"], lbl["device"]) == \
+        (stack.instance, stack.host, "vm1", "vm1eth0")
     assert body["commonLabels"]["guest"] == "vm1"
     # The annotations a person reads.
     ann = fired[0]["annotations"]

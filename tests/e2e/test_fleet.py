@@ -284,7 +284,8 @@ def test_no_series_lost_or_duplicated(fleet):
     now = time.time()
     stored = vm.api("series", **{"match[]": '{job="kvmnet"}', "start": now - 8, "end": now})
     in_vm = [series_key(s) for s in stored
-             if s["__name__"] not in SCRAPE_SERIES and ":" not in s["__name__"] and not s["__name__"].startswith("ALERTS")]
+             if s["__name__"] not in SCRAPE_SERIES and ":" not in s["__name__"]
+             and not s["__name__"].startswith("ALERTS")]
     assert len(in_vm) == len(set(in_vm))
     lost, extra = direct - set(in_vm), set(in_vm) - direct
     REPORT.append(f"series: {len(direct)} from {len(fleet.exporters)} exporters directly, {len(set(in_vm))} in "
@@ -348,8 +349,8 @@ def test_fault_fires_through_vmalert(fleet):
     deadline = t0 + 30 + 5 + 60
     fired: dict[str, float] = {}
     while time.monotonic() < deadline and len(fired) < 3:
-        if "prometheus" not in fired and any(a["labels"]["alertname"] == "KvmnetTapCarrierLost" and a["state"] == "firing"
-                                             for a in fleet.prom.alerts()):
+        if "prometheus" not in fired and any(a["labels"]["alertname"] == "KvmnetTapCarrierLost"
+                                             and a["state"] == "firing" for a in fleet.prom.alerts()):
             fired["prometheus"] = time.monotonic() - t0
         if "vmalert" not in fired and any(a["name"] == "KvmnetTapCarrierLost" and a["state"] == "firing"
                                           for a in vmalert_alerts(fleet)):
