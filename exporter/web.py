@@ -56,9 +56,13 @@ class State:
         self._inflight: asyncio.Future | None = None
         self._reload_lock = asyncio.Lock()
 
+    def render_error(self, family: str, reason: str) -> None:
+        self.own.render_errors.labels(family=family).inc()
+        logs.event(log, "family_dropped", logging.ERROR, family=family, error=reason)
+
     async def _scrape(self) -> _Result:
         fams = await scrape.scrape(self.service.collectors)
-        return _Result(await asyncio.to_thread(lambda: render(fams) + self.own.render()))
+        return _Result(await asyncio.to_thread(lambda: render(fams, self.render_error) + self.own.render()))
 
     async def metrics(self) -> _Result:
         """The current scrape's result; starts one if none is running."""
