@@ -136,25 +136,38 @@ async def handle_landing(request: web.Request) -> web.Response:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """503 with the reason while a background task the exporter needs is not running (the prober stalled or
+    crashed and is waiting for its restart): a liveness probe can then restart the process."""
+    prober = getattr(request.app[STATE_KEY].service, "prober", None)
+    health = getattr(prober, "health", None)
+    if health is not None:
+        ok, why = health()
+        if not ok:
+            return web.Response(status=503, text=why + "\n")
     return web.Response(text="ok\n")
 
 
 async def handle_reload(request: web.Request) -> web.Response:
+    if not request.app[LIFECYCLE_KEY]:
+        # As Prometheus without --web.enable-lifecycle: 403 and this text. SIGHUP still reloads.
+        return web.Response(status=403, text="Lifecycle API is not enabled.\n")
     ok, msg = await request.app[STATE_KEY].reload()
     return web.Response(status=200 if ok else 500, text=msg + "\n")
 
 
 PROBE_KEY = web.AppKey("probe_handler", Any)
+LIFECYCLE_KEY = web.AppKey("lifecycle", bool)
 
 
 def create_app(service, reload: Callable[[], Any] | None = None, *, probe_handler=None,
-               middlewares: tuple = (), sighup: bool = False) -> web.Application:
+               middlewares: tuple = (), sighup: bool = False, lifecycle: bool = False) -> web.Application:
     """The aiohttp app. `reload` re-reads the files (blocking, raises on bad input); `probe_handler` serves /probe."""
     app = web.Application(middlewares=list(middlewares), client_max_size=64 * 1024)
     state = State(service, reload)
     app[STATE_KEY] = state
     app[SERVICE_KEY] = service
     app[PROBE_KEY] = probe_handler
+    app[LIFECYCLE_KEY] = lifecycle  # --web.enable-lifecycle: POST /-/reload
     app.router.add_get("/", handle_landing)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_health)
