@@ -21,6 +21,16 @@ class _BuildInfo:
         yield g
 
 
+class _TaskRestarts:
+    def collect(self):
+        from .. import tasks
+        c = CounterMetricFamily("kvmnet_task_restarts", "Background tasks (prober, discovery) restarted after they "
+                                "crashed or ended (the exporter's log has the traceback).", labels=["task"])
+        for task in ("prober", "discovery", *sorted(set(tasks.restarts) - {"prober", "discovery"})):
+            c.add_metric([task], tasks.restarts.get(task, 0))
+        yield c
+
+
 class SelfMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -34,9 +44,7 @@ class SelfMetrics:
         self.render_errors = Counter("kvmnet_scrape_render_errors", "Metric families dropped from a scrape because "
                                      "they could not be rendered (see the exporter's log).", ["family"],
                                      registry=self.registry)
-        self.task_restarts = Counter("kvmnet_task_restarts", "Background tasks (prober, discovery) restarted after "
-                                     "they crashed (see the exporter's log for the traceback).", ["task"],
-                                     registry=self.registry)
+        self.registry.register(_TaskRestarts())
         self.reload_succeeded()
 
     def reload_succeeded(self) -> None:

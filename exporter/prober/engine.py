@@ -253,13 +253,13 @@ class Prober:
                     # interval's grid (a 10 ms tick may run several 5 ms cycles); after a stall longer than
                     # that, restart at now rather than send the missed cycles in a burst.
                     cycle_start = cycle_start + self.interval if order else now
-                    self.last_cycle = time.time()
                     if now - cycle_start > max(self.interval, 5 * TICK):
                         cycle_start = now
                     self._check_namespaces()
                     with self.lock:
                         order = list(self._order)
                     self._prune(order)
+                    self.last_cycle = time.time()  # after the cycle's bookkeeping: a crash loop is no heartbeat
                     i = 0
                 slot = self.interval / max(len(order), 1)
                 while i < len(order) and cycle_start + i * slot <= now:
