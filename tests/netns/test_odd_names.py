@@ -35,7 +35,9 @@ def test_odd_device_names_are_served_escaped_and_match_iproute2(netns, exporters
         ipb("-n", netns, "link", "set", port, "up")
         ipb("-n", netns, "link", "set", f"kxpeer{i}", "up")
     e = exporters("--netns", netns, "--no-collector.probe")
+    before = witness.links_raw(netns)
     status, body, _ = e.get("/metrics")
+    after = witness.links_raw(netns)
     assert status == 200
     res = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
     assert res.returncode == 0, res.stderr.decode()
@@ -43,7 +45,6 @@ def test_odd_device_names_are_served_escaped_and_match_iproute2(netns, exporters
     got_bridges = {s.labels["bridge"] for s in ss if s.name == "kvmnet_bridge_up" and s.labels["netns"] == netns}
     assert got_bridges == {expected_label(b) for b in bridges}
     assert len(got_bridges) == len(bridges)  # no two names collide (b"br\xff" vs the literal `\xff`)
-    links = witness.links_raw(netns)
     for port, bridge in ports:
         name = port.decode("utf-8", "surrogateescape")
         lbl = {"netns": netns, "bridge": expected_label(bridge), "device": expected_label(port)}
@@ -51,8 +52,7 @@ def test_odd_device_names_are_served_escaped_and_match_iproute2(netns, exporters
               and all(s.labels.get(k) == v for k, v in lbl.items())]
         assert rx, (lbl, [s for s in ss if s.name == "kvmnet_port_up"])
         # a counter read before the scrape can only be <= the exporter's, read after it can only be >=
-        assert rx[0] <= witness.links_raw(netns)[name]["stats64"]["rx"]["bytes"]
-        assert rx[0] >= links[name]["stats64"]["rx"]["bytes"]
+        assert before[name]["stats64"]["rx"]["bytes"] <= rx[0] <= after[name]["stats64"]["rx"]["bytes"]
         up = [s.value for s in ss if s.name == "kvmnet_port_up" and s.labels.get("device") == lbl["device"]]
         assert up == [1]
     assert "Traceback" not in e.stop()
