@@ -70,7 +70,11 @@ class GuestCollector:
                                 "Unix time the background prober last started a cycle (at least once per interval "
                                 "while it runs). Alert KvmnetProbingStopped fires when it falls behind.")
             beat.add("", last_cycle)
-            fams.append(beat)
+            ival = MetricFamily("kvmnet_prober_interval_seconds", "gauge",
+                                "The background prober's interval (probe.interval): each guest is pinged once per "
+                                "interval.")
+            ival.add("", getattr(self.prober, "interval", 0.0))
+            fams += [beat, ival]
         if self.owner is not None:
             rej = MetricFamily("kvmnet_http_probe_rejected_total", "counter",
                                "/probe requests refused: bad_request (400), netns_not_watched (403), too_many (429: "
