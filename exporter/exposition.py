@@ -100,16 +100,20 @@ def format_value(value: float | int) -> str:
 class MetricFamily:
     """One metric family. `kind` is counter, gauge, histogram or untyped; counters carry `_total` in `name`."""
 
-    __slots__ = ("name", "kind", "help", "lines")
+    __slots__ = ("name", "kind", "help", "lines", "error")
 
     def __init__(self, name: str, kind: str, help: str) -> None:
         self.name = name
         self.kind = kind
         self.help = help
         self.lines: list[str] = []
+        self.error = ""  # set by a sample that is not a number: render() drops the family and reports it
 
     def add(self, rendered_labels: str, value: float | int) -> None:
-        self.lines.append(f"{self.name}{rendered_labels} {format_value(value)}")
+        try:
+            self.lines.append(f"{self.name}{rendered_labels} {format_value(value)}")
+        except (TypeError, ValueError) as exc:
+            self.error = f"sample{rendered_labels}: not a number: {value!r} ({exc})"
 
     def add_histogram(self, rendered_labels: str, bounds: Iterable[float], cumulative_counts: Iterable[int],
                       total: float, count: int) -> None:
@@ -145,6 +149,10 @@ def render(families: Iterable[MetricFamily], on_error: Callable[[str, str], None
     for fam in families:
         seen = merged.get(fam.name)
         if fam.name in bad:
+            continue
+        if getattr(fam, "error", ""):
+            bad[str(fam.name)] = fam.error
+            merged.pop(fam.name, None)
             continue
         if seen is None:
             if not isinstance(fam.name, str) or not _NAME.match(fam.name) or fam.kind not in _KINDS:

@@ -36,9 +36,12 @@ def test_unrenderable_families_are_dropped_and_reported_the_rest_served():
     clash = [MetricFamily("kvmnet_x", "gauge", "x"), MetricFamily("kvmnet_x", "counter", "x")]
     bad_help = MetricFamily("kvmnet_h", "gauge", "help \udcff")  # a help text that is not encodable
     bad_name = MetricFamily("kvmnet bad", "gauge", "x")
+    bad_value = MetricFamily("kvmnet_v", "gauge", "x")
+    bad_value.add(labels(device="a"), 1)
+    bad_value.add(labels(device="b"), None)  # a collector bug: one value that is not a number
     errors = []
-    out = render([ok, *clash, bad_help, bad_name], lambda fam, why: errors.append(fam))
-    assert sorted(errors) == ["kvmnet bad", "kvmnet_h", "kvmnet_x"]
+    out = render([ok, *clash, bad_help, bad_name, bad_value], lambda fam, why: errors.append(fam))
+    assert sorted(errors) == ["kvmnet bad", "kvmnet_h", "kvmnet_v", "kvmnet_x"]
     fams = list(text_string_to_metric_families(out.decode()))
     assert [(f.name, f.samples[0].labels) for f in fams] == [("kvmnet_ok", {"device": "br\\xff"})]
 
