@@ -16,7 +16,7 @@ from typing import Any, Callable
 from aiohttp import web
 from . import __version__, logs, scrape
 from .collectors.self import SelfMetrics
-from .exposition import CONTENT_TYPE, render
+from .exposition import CONTENT_TYPE, label_value, render
 
 log = logging.getLogger("kvmnet.web")
 
@@ -57,12 +57,19 @@ class State:
         self._reload_lock = asyncio.Lock()
 
     def render_error(self, family: str, reason: str) -> None:
-        self.own.render_errors.labels(family=family).inc()
+        self.own.render_errors.labels(family=label_value(family)).inc()
         logs.event(log, "family_dropped", logging.ERROR, family=family, error=reason)
+
+    def _own(self) -> bytes:
+        try:
+            return self.own.render()
+        except Exception as exc:  # noqa: BLE001 - the exporter's own metrics must not sink the scrape either
+            self.render_error("kvmnet_self", f"{type(exc).__name__}: {exc}")
+            return b""
 
     async def _scrape(self) -> _Result:
         fams = await scrape.scrape(self.service.collectors)
-        return _Result(await asyncio.to_thread(lambda: render(fams, self.render_error) + self.own.render()))
+        return _Result(await asyncio.to_thread(lambda: render(fams, self.render_error) + self._own()))
 
     async def metrics(self) -> _Result:
         """The current scrape's result; starts one if none is running."""
