@@ -22,7 +22,7 @@ import signal
 import threading
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from . import logs
 
@@ -100,11 +100,22 @@ class _Conn(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
 
+class _Counting(web_protocol.RequestHandler):
+    """aiohttp's per-connection handler, counting requests its parser refuses (400/431) for kvmnet_http_*."""
+
+    __slots__ = ("tracker",)
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if 400 <= status < 500:  # BadHttpMessage, LineTooLong, too many headers: no handler ran
+            self.tracker.malformed += 1
+        return super().handle_error(request, status, exc, message)
+
+
 class _Tracker:
     def __init__(self, server, limits: Limits) -> None:
         self.server, self.limits = server, limits
         self.conns: dict[object, _Conn] = {}  # transport -> connection, oldest first
-        self.evicted = self.refused = self.timeouts = self.too_large = 0
+        self.evicted = self.refused = self.timeouts = self.too_large = self.malformed = 0
 
     def collect(self):
         """kvmnet_http_* for collectors/self.py (client_python collector interface)."""
@@ -114,7 +125,10 @@ class _Tracker:
                 ("connections_evicted", self.evicted, "Idle connections closed to make room for a new one."),
                 ("connections_timed_out", self.timeouts, "Connections closed for sending no whole request in time "
                                                          "(header timeout) or idling past the keep-alive timeout."),
-                ("requests_too_large", self.too_large, "Requests refused with 413: body over the limit.")):
+                ("requests_too_large", self.too_large, "Requests refused with 413: body over the limit."),
+                ("requests_malformed", self.malformed, "Requests the HTTP parser refused before any handler (400/431: "
+                                                       "a request line or header over the limit, too many headers, "
+                                                       "garbage).")):
             yield CounterMetricFamily(f"kvmnet_http_{name}", help, value=value)
         from prometheus_client.core import GaugeMetricFamily
         yield GaugeMetricFamily("kvmnet_http_connections", "Open HTTP connections.", value=len(self.conns))
@@ -128,7 +142,12 @@ class _Tracker:
             self.evicted += 1
             self.conns.pop(idle.transport, None)
             idle.transport.abort()
-        return _Conn(self, self.server())
+        try:  # what web.Server.__call__ does, with the subclass that counts parser refusals
+            handler = _Counting(self.server, loop=self.server._loop, **self.server._kwargs)
+            handler.tracker = self
+        except (AttributeError, TypeError):  # an aiohttp whose Server differs: serve, uncounted
+            handler = self.server()
+        return _Conn(self, handler)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):

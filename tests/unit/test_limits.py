@@ -79,6 +79,13 @@ async def test_silent_client_cut_off_and_big_body_refused():
         assert reply.startswith(b"HTTP/1.1 413")
         assert (await request(port, b"POST /fast HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + b"x" * 10)
                 ).startswith(b"HTTP/1.1 200")
+        assert tracker.too_large == 1 and tracker.malformed == 0
+        assert (await request(port, b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+                ).startswith((b"HTTP/1.1 4", b"HTTP/1.0 4"))
+        assert (await request(port, b"\x16\x03\x01garbage\r\n\r\n")).startswith((b"HTTP/1.1 400", b"HTTP/1.0 400"))
+        assert tracker.malformed == 2
+        names = {m.name: m.samples[0].value for m in tracker.collect()}
+        assert names["kvmnet_http_requests_malformed"] == 2 and names["kvmnet_http_connections_timed_out"] == 1
     finally:
         await stop(task)
 
