@@ -1,4 +1,5 @@
-"""The HTTP side: /metrics, /, /healthz, POST /-/reload (and SIGHUP), and the prober's /probe.
+"""The HTTP side: /metrics, /, /healthz (503 while the prober is stalled), POST /-/reload (only with
+--web.enable-lifecycle; SIGHUP always), and the prober's /probe.
 
 One scrape is in flight at a time: requests that arrive while it runs wait for it and get its result, so a flood
 of scrapes costs one scrape's work. The body is Prometheus text 0.0.4 (what Prometheus accepts whatever else it
