@@ -52,11 +52,23 @@ def parse_duration(value: Any) -> float:
 
 def _ip(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
-        return value
-    try:
-        return ipaddress.ip_address(value if isinstance(value, str) else "")
-    except ValueError:
-        raise ValueError(f"not an IP address: {value!r}") from None
+        addr = value
+    else:
+        try:
+            addr = ipaddress.ip_address(value if isinstance(value, str) else "")
+        except ValueError:
+            raise ValueError(f"not an IP address: {value!r}") from None
+    if not is_unicast(addr):
+        raise ValueError(f"not a unicast address without a zone: {value!r}")
+    return addr
+
+
+def is_unicast(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A probe target: one host. Not multicast, broadcast or unspecified (one echo request, many or no
+    replies), no IPv6 zone (`%eth0`: which link is the namespace's business, not a URL's)."""
+    if addr.is_multicast or addr.is_unspecified or getattr(addr, "scope_id", None):
+        return False
+    return addr != ipaddress.IPv4Address("255.255.255.255")
 
 
 def check_netns_name(value: str) -> str:

@@ -2,7 +2,7 @@
 their own small exposition (probe_success, probe_icmp_*).
 
 Bounds (README "Failure behaviour"): every bad value is a 400 naming it, nothing is probed.
-- target: an IP address without a scope (`%eth0`).
+- target: a unicast IP address (not multicast, broadcast or unspecified) without a zone (`%eth0`).
 - netns: a watched namespace or one a configured target is probed from; absent or empty means the default (the one
   watched named namespace, else the exporter's own), never "the exporter's own" by itself.
 - count: 1 to PROBE_COUNT_MAX.
@@ -20,6 +20,7 @@ from typing import Any
 
 from kvmnet.common.logfmt import fmt
 
+from ..config import is_unicast
 from ..exposition import CONTENT_TYPE, MetricFamily, labels, render
 from .engine import PROBE_BUDGET_MAX, GuestProber, Prober
 
@@ -66,10 +67,11 @@ async def probe_handler(request: Any, prober: Prober | None = None, watched: lis
     target = q.get("target", "")
     try:
         address = ipaddress.ip_address(target)
-        if getattr(address, "scope_id", None):
+        if not is_unicast(address):
             raise ValueError
     except ValueError:
-        raise reject("bad_request", web.HTTPBadRequest, f"target: not an IP address: {target[:64]!r}") from None
+        raise reject("bad_request", web.HTTPBadRequest,
+                     f"target: not a unicast IP address without a zone: {target[:64]!r}") from None
     named = [n for n in (watched or []) if n]
     default = named[0] if len(named) == 1 else ""
     netns = q.get("netns", "") or default

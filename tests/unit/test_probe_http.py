@@ -75,7 +75,8 @@ async def test_bad_values_are_refused_and_the_prober_keeps_cycling():
             assert status == 400 and b"X-Prometheus-Scrape-Timeout-Seconds" in body, (value, status, body)
         for q, code in (("target=10.0.0.2&count=0", 400), ("target=10.0.0.2&count=101", 400),
                         ("target=10.0.0.2&count=%D9%A3", 400), ("target=fe80::1%25eth0", 400),
-                        ("target=10.0.0.2%0a", 400), ("target=10.0.0.2&netns=elsewhere", 403),
+                        ("target=10.0.0.2%0a", 400), ("target=224.0.0.1", 400), ("target=255.255.255.255", 400),
+                        ("target=0.0.0.0", 400), ("target=ff02::1", 400), ("target=::", 400), ("target=10.0.0.2&netns=elsewhere", 403),
                         ("target=10.0.0.2&netns=" + urllib.parse.quote("lab\n"), 403),
                         ("target=10.0.0.2&netns=..%2F..", 403)):
             status, body, _ = await get(port, "/probe?" + q)
@@ -89,7 +90,7 @@ async def test_bad_values_are_refused_and_the_prober_keeps_cycling():
         status, body, _ = await get(port, "/metrics")
         fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
         rej = {s.labels["reason"]: s.value for s in fams["kvmnet_http_probe_rejected"].samples}
-        assert rej == {"bad_request": 14, "netns_not_watched": 3, "too_many": 0}
+        assert rej == {"bad_request": 19, "netns_not_watched": 3, "too_many": 0}
         assert fams["kvmnet_prober_last_cycle_timestamp_seconds"].samples[0].value > 0
     finally:
         await stop(task)
