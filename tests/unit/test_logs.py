@@ -54,3 +54,21 @@ def test_odd_names_never_split_a_log_line_and_round_trip():
         _logs.setup("info", "logfmt", stream=io.StringIO())
     line = buf.getvalue()
     assert line.count("\n") == 1 and line.encode() and "netns=ns\\xff\\x01" in line
+
+
+def test_odd_names_in_json_logs_are_one_line_of_valid_json():
+    import io
+    import json
+    import logging as _logging
+
+    from kvmnet.exporter import logs as _logs
+    buf = io.StringIO()
+    _logs.setup("info", "json", stream=buf)
+    try:
+        _logs.event(_logging.getLogger("kx.test"), "odd", netns="ns\udcff\n\x01", guest='a"b\\')
+    finally:
+        _logs.setup("info", "logfmt", stream=io.StringIO())
+    line = buf.getvalue()
+    assert line.count("\n") == 1 and line.encode("utf-8")
+    obj = json.loads(line)
+    assert obj["netns"] == "ns\udcff\n\x01" and obj["guest"] == 'a"b\\'
