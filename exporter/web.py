@@ -55,11 +55,15 @@ class State:
         self.own = SelfMetrics()
         self.registry = self.own.registry
         self._inflight: asyncio.Future | None = None
+        self._dropped: dict[str, str] = {}  # family -> why it was last dropped (log once, count always)
         self._reload_lock = asyncio.Lock()
 
     def render_error(self, family: str, reason: str) -> None:
+        """Count every drop; log it at error the first time (and when the reason changes), then at debug."""
         self.own.render_errors.labels(family=label_value(family)).inc()
-        logs.event(log, "family_dropped", logging.ERROR, family=family, error=reason)
+        again = self._dropped.get(family) == reason
+        self._dropped[family] = reason
+        logs.event(log, "family_dropped", logging.DEBUG if again else logging.ERROR, family=family, error=reason)
 
     def _own(self) -> bytes:
         try:

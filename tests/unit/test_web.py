@@ -224,6 +224,10 @@ async def test_inconsistent_families_are_dropped_counted_and_the_rest_served(aio
     assert "kvmnet_standin_value" not in fams and "kvmnet_scrape_collector_success" in fams
     assert sample(fams, "kvmnet_scrape_render_errors_total", family="kvmnet_standin_value") == 1
     assert any("event=family_dropped family=kvmnet_standin_value" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    fams = families(await (await client.get("/metrics")).text())
+    assert sample(fams, "kvmnet_scrape_render_errors_total", family="kvmnet_standin_value") == 2
+    assert not [r for r in caplog.records if "family_dropped" in r.getMessage() and r.levelno >= 40]  # once
     assert (await client.get("/healthz")).status == 200
 
 
