@@ -69,6 +69,11 @@ SCENARIOS = [
       alert("KvmnetTapCarrierLost", "critical", instance="h6", **NS, bridge="br0", device="vm1eth0",
             guest="vm1")],
      {("KvmnetGuestPaused", "h6", "vm1")}),
+    ("a stalled prober: its host's guests are not down, the checker is",
+     [alert("KvmnetProbingStopped", "critical", instance="h8"),
+      alert("KvmnetGuestDown", "critical", instance="h8", **NS, guest="vm1", bridge="br0", device="vm1eth0"),
+      alert("KvmnetGuestDown", "critical", instance="h8", **NS, guest="vm2", bridge="br0", device="vm2eth0")],
+     {("KvmnetProbingStopped", "h8")}),
     ("a guest shut off on purpose does not page as lost",
      [alert("KvmnetGuestStopped", "info", instance="h7", **NS, guest="vm1", state="shutoff"),
       alert("KvmnetTapRemoved", "warning", instance="h7", **NS, bridge="br0", device="vm1eth0", guest="vm1"),
@@ -80,7 +85,8 @@ SCENARIOS = [
 def key(labels: dict) -> tuple:
     """(alertname, instance, guest) for guest-level alerts, (alertname, instance) for the others."""
     k = (labels["alertname"], labels["instance"])
-    return k if labels["alertname"] in ("KvmnetBridgeDown", "KvmnetExporterDown") else k + (labels.get("guest", ""),)
+    return k if labels["alertname"] in ("KvmnetBridgeDown", "KvmnetExporterDown", "KvmnetProbingStopped") \
+        else k + (labels.get("guest", ""),)
 
 
 def matches(labels: dict, want: set) -> bool:
