@@ -10,8 +10,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from .spec import LabError, load_lab
 
 
@@ -20,17 +18,21 @@ def _progress(quiet: bool):
 
 
 def _lab_name(path: str) -> str:
-    """The state key for `down`, even when the edited lab file no longer validates."""
+    """The state key for `down`, even when the edited lab file no longer validates. Always a valid lab name: it
+    names a directory under /run/kvmnet that `down` removes."""
+    from . import yamlfile
+    from .spec import _nsname
     try:
         return load_lab(path).name
-    except LabError:
+    except LabError as e:
+        first = e
+    data = yamlfile.read_yaml(path, LabError)  # unreadable or not YAML: that line, exit 2
+    for name in ((data.get("name") if isinstance(data, dict) else None), Path(path).stem):
         try:
-            data = yaml.safe_load(Path(path).read_text())
-            if isinstance(data, dict) and isinstance(data.get("name"), str):
-                return data["name"]
-        except (OSError, yaml.YAMLError):
-            pass
-        return Path(path).stem
+            return _nsname(name)
+        except ValueError:
+            continue
+    raise first
 
 
 def cmd_plan(args) -> int:

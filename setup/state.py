@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def key(item: dict) -> tuple:
 
 class State:
     def __init__(self, lab: str, root: Path | None = None):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", lab or ""):
+            raise ValueError(f"not a lab name: {lab!r}")  # it names a directory that `down` removes
         self.lab = lab
         self.dir = (root or RUN_DIR) / lab
         self.created: list[dict] = []
