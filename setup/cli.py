@@ -1,7 +1,8 @@
 """kvmnet-setup {plan,up,down,status,image} -c LAB.yaml [--json]
 
-Exit status: 0 done; 1 a run-time failure (said in one line; a failed `up` is rolled back); 2 bad input (one line
-naming the field, nothing created).
+Exit status: 0 done; 1 a run-time failure (said in one line; a failed `up` is rolled back), or the lab is held by
+another run; 2 bad input or a refusal (one line naming the field, nothing created), e.g. a name the lab would create
+is taken by something kvmnet-setup did not create.
 """
 from __future__ import annotations
 
@@ -55,9 +56,14 @@ def cmd_up(args) -> int:
     from .state import State
     lab = load_lab(args.config)
     progress = _progress(args.json)
-    actions = apply.up(lab, State(lab.name), force=args.force, progress=progress)
-    started = [a.name for a in actions if a.op == "guest_start"]
-    problems = apply.wait_guests(lab, started, args.wait, progress) if started and args.wait > 0 else []
+    st = State(lab.name)
+    st.lock()  # one run per lab, for the whole run: a second fails at once, naming this one's pid
+    try:
+        actions = apply.up(lab, st, force=args.force, progress=progress)
+        started = [a.name for a in actions if a.op == "guest_start"]
+        problems = apply.wait_guests(lab, started, args.wait, progress) if started and args.wait > 0 else []
+    finally:
+        st.unlock()
     if args.json:
         print(json.dumps({"lab": lab.name, "changed": len(actions), "actions": [a.to_json() for a in actions],
                           "problems": problems}))
@@ -75,7 +81,11 @@ def cmd_down(args) -> int:
     from .state import State
     name = _lab_name(args.config)
     st = State(name)
-    n, problems = apply.down(st, progress=_progress(args.json))
+    st.lock()
+    try:
+        n, problems = apply.down(st, progress=_progress(args.json))
+    finally:
+        st.unlock()
     if args.json:
         print(json.dumps({"lab": name, "removed": n, "problems": problems}))
     else:
@@ -128,11 +138,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from .apply import ApplyError
     from .plan import Refused
+    from .state import Busy, StateError
     try:
         code = args.fn(args)
     except (LabError, Refused) as e:
         print(f"kvmnet-setup: {e}", file=sys.stderr)
         code = 2
+    except (Busy, StateError) as e:
+        print(f"kvmnet-setup: {args.cmd}: {e}", file=sys.stderr)
+        code = 1
     except ApplyError as e:
         print(f"kvmnet-setup: {args.cmd} failed: {e}", file=sys.stderr)
         code = 1
