@@ -420,6 +420,7 @@ class Applier:
         return self.state.find(item) or item
 
     def note(self, item: dict, ident: dict) -> None:
+        hook_intent(item, "made")
         item.update(ident)
         self.state.save()
 

@@ -174,11 +174,12 @@ class State:
 def _test_hook(when: str, n: int | None = None, item: dict | None = None) -> None:
     """For tests that kill -9 `up` between any two of its steps. KVMNET_TEST_HOOK=
         kill-before:N, stop-after:N     SIGKILL/SIGSTOP this process just before/after writing the record the Nth time
-        kill-at:OP[:NAME], stop-at:...  just after the intent to make an OP item (named NAME) is on disk"""
+        kill-at:OP[:NAME], stop-at:...  just after the intent to make an OP item (named NAME) is on disk
+        kill-made:OP[:NAME], ...        once it is made, just before its identity is written (QEMU runs, unrecorded)"""
     hook = os.environ.get("KVMNET_TEST_HOOK")
     if not hook:
         return
-    m = re.fullmatch(r"(kill|stop)-(before|after|at):(.+)", hook)
+    m = re.fullmatch(r"(kill|stop)-(before|after|at|made):(.+)", hook)
     if not m or m.group(2) != when:
         return
     if item is None:
@@ -191,8 +192,8 @@ def _test_hook(when: str, n: int | None = None, item: dict | None = None) -> Non
         time.sleep(0.1)
 
 
-def hook_intent(item: dict) -> None:
-    _test_hook("at", item=item)
+def hook_intent(item: dict, when: str = "at") -> None:
+    _test_hook(when, item=item)
 
 
 def find_tap(tap: str, netns_inode: int | None = None, root: Path | None = None) -> dict | None:
