@@ -307,9 +307,13 @@ def parse_lab(data: Any, name: str = "lab", source: Path | None = None) -> Lab:
 
 
 def load_lab(path: str | Path) -> Lab:
+    """Read and validate a lab file; every problem is one line naming the file and the field."""
     path = Path(path)
     data = yamlfile.read_yaml(path, LabError)
-    return parse_lab(data, name=path.stem, source=path)
+    try:
+        return parse_lab(data, name=path.stem, source=path)
+    except LabError as e:
+        raise LabError(f"{path}: {e}") from None
 
 
 def default_mac(lab: str, guest: str) -> str:

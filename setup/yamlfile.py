@@ -166,6 +166,8 @@ def parse_yaml(text: str, path: Any, error: type[Exception]) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc).splitlines()[0]
+        if "maximum nesting depth" in str(problem):  # libyaml's own limit (1000), met while it scans ahead
+            problem = f"nested deeper than {MAX_DEPTH} levels"
         raise error(f"{where}: invalid YAML: {_oneline(str(problem))}") from None
     except RecursionError:  # not reached with MAX_DEPTH, but never a traceback
         raise error(f"{path}: invalid YAML: nested too deep") from None
