@@ -91,7 +91,9 @@ class WebConfig:
 
 
 def _fail(path: str, where: str, msg: str) -> WebConfigError:
-    return WebConfigError(f"{path}: {where}: {msg}")
+    # A key from the file may hold a newline: the message stays one line.
+    where = where if where.isprintable() else repr(where)
+    return WebConfigError(f"{path}: {where}: {' '.join(msg.split())}")
 
 
 def _mapping(path: str, where: str, value: Any, allowed: set[str] | None) -> dict:
