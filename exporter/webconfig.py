@@ -35,7 +35,7 @@ from typing import Any
 import bcrypt
 from aiohttp import web
 
-from kvmnet.setup import yamlfile
+from kvmnet.common import yamlfile
 
 from . import logs
 from .config import ConfigError

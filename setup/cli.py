@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .spec import LabError, load_lab
+from kvmnet.common.lab import LabError, load_lab
 
 
 def _progress(quiet: bool):
@@ -21,8 +21,8 @@ def _progress(quiet: bool):
 def _lab_name(path: str) -> str:
     """The state key for `down`, even when the edited lab file no longer validates. Always a valid lab name: it
     names a directory under /run/kvmnet that `down` removes."""
-    from . import yamlfile
-    from .spec import _nsname
+    from kvmnet.common import yamlfile
+    from kvmnet.common.lab import _nsname
     try:
         return load_lab(path).name
     except LabError as e:

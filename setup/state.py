@@ -27,6 +27,8 @@ import signal
 import time
 from pathlib import Path
 
+from kvmnet.common import netns as nsmod
+
 RUN_DIR = Path(os.environ.get("KVMNET_RUN_DIR", "/run/kvmnet"))
 IDENTITY = ("addresses", "old", "run_dir", "placeholder", "ino", "nsino", "ifindex", "pid", "start", "pidfile", "t")
 
@@ -210,9 +212,6 @@ def find_tap(tap: str, netns_inode: int | None = None, root: Path | None = None)
     if len(found) > 1 and netns_inode is not None:
         for entry in found:
             path = f"/run/netns/{entry['netns']}" if entry.get("netns") else "/proc/1/ns/net"
-            try:
-                if os.stat(path).st_ino == netns_inode:
-                    return entry
-            except OSError:
-                continue
+            if nsmod.inode_at(path) == netns_inode:
+                return entry
     return found[0] if found else None

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from kvmnet.exporter import webconfig
 from kvmnet.exporter.config import ConfigError, from_dict
-from kvmnet.setup import yamlfile
-from kvmnet.setup.spec import LabError, parse_lab
+from kvmnet.common import yamlfile
+from kvmnet.common.lab import LabError, parse_lab
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(FAST, max_examples=40)  # the round trips: each example is a whole valid file

@@ -101,7 +101,7 @@ def test_a_fifo_never_blocks_even_with_a_writer_that_never_writes(tmp_path):
 
 def test_reading_is_fast_in_process():
     """The bounded reader itself: each refusal in milliseconds (no subprocess start-up in the number)."""
-    from kvmnet.setup import yamlfile
+    from kvmnet.common import yamlfile
 
     class E(Exception):
         pass
@@ -114,7 +114,7 @@ def test_reading_is_fast_in_process():
 
 
 def test_merge_keys_and_small_aliases_still_work(tmp_path):
-    from kvmnet.setup import yamlfile
+    from kvmnet.common import yamlfile
 
     class E(Exception):
         pass
@@ -127,7 +127,7 @@ def test_merge_keys_and_small_aliases_still_work(tmp_path):
 
 def test_a_lab_at_the_size_limit_validates_in_well_under_a_second(tmp_path):
     """The worst honest case: a file near the node budget, with the one mistake at the very end."""
-    from kvmnet.setup.spec import LabError, load_lab
+    from kvmnet.common.lab import LabError, load_lab
 
     guests = "".join(f"  - {{name: g{i}, kind: netns, tap: g{i}h, bridge: br0, address: 10.1.{i // 250}.{i % 250 + 1}"
                      f"/16}}\n" for i in range(3000))

@@ -1,6 +1,6 @@
 """YAML files written by people: read them defensively, and turn validation errors into one line that names the field.
 
-Shared by the lab file (`spec.py`), the exporter's config (`kvmnet.exporter.config`) and its web config
+Shared by the lab file (`common/lab.py`), the exporter's config (`kvmnet.exporter.config`) and its web config
 (`kvmnet.exporter.webconfig`), so an operator sees the same shape of error from all three:
 
     guests[1].mac: not a MAC address: '0a:zz'

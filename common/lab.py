@@ -451,10 +451,11 @@ def _check(lab: Lab) -> None:
         if per_bridge[b] > MAX_PORTS:
             raise _fail(f"bridges[{list(bridges).index(b)}]",
                         f"more than {MAX_PORTS} ports on {b!r} (the kernel's limit per bridge)")
-    from .state import RUN_DIR
+    import os
+    run_dir = Path(os.environ.get("KVMNET_RUN_DIR", "/run/kvmnet"))  # kvmnet.setup.state.RUN_DIR (setup imports us)
     for i, g in enumerate(lab.guests):
         # QEMU's QMP socket lives at RUN_DIR/<lab>/guests/<guest>.qmp; sun_path holds 107 bytes.
-        qmp = RUN_DIR / lab.name / "guests" / f"{g.name}.qmp"
+        qmp = run_dir / lab.name / "guests" / f"{g.name}.qmp"
         if g.kind == "qemu" and len(str(qmp).encode()) > 107:
             raise _fail(f"guests[{i}].name", f"lab and guest names too long together: {str(qmp)!r} is more than "
                         "107 bytes, the limit of a UNIX socket path")
