@@ -609,13 +609,16 @@ def _index_now(net: Net, ns: str, name: str) -> int | None:
 
 
 def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s: None, state: State | None = None,
-         warn: Callable[[str], None] = _warn) -> list[str]:
+         warn: Callable[[str], None] = _warn, failed: list[dict] | None = None) -> list[str]:
     """Undo recorded items, newest first, each only if what is there now is what we made (by identity: the
     namespace's inode, the device's ifindex, the process's start time). Something else under a recorded name is
     left alone, with a warning. Items inside a namespace that is itself being deleted go with it.
-    Returns the problems met (an item already gone is not a problem)."""
+    Returns the problems met (an item already gone is not a problem); the items they concern go to `failed`, so
+    the record keeps them for the next `down`."""
     owner = {i["name"]: ns_owner(i) for i in items if i["op"] in ("netns", "light")}
     problems = []
+    failed = [] if failed is None else failed
+    here = ns_ident("")
     for item in reversed(items):
         op, ns = item["op"], item.get("ns", "")
         if op not in ("netns", "light", "guest") and ns in owner:
@@ -647,8 +650,13 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
                 elif how == "foreign" and "ino" in item:  # (without "ino" we never made it: nothing to say)
                     warn(f"namespace {name}: not the one this lab made (removed and re-created by someone else?); "
                          "left alone")
+            elif not ns and item.get("nsino") and item["nsino"] != here:
+                # Host mode, run from another namespace than `up` was: these are not the devices it changed.
+                problems.append(f"{op} {item.get('name') or item.get('dev')}: recorded in another network namespace "
+                                "than this run's; run `down` where `up` ran")
+                failed.append(item)
             elif (ns and not netns_exists(ns)) or ("nsino" in item and ns_ident(ns) != item["nsino"]):
-                continue  # its namespace is gone, or is someone else's now
+                continue  # its namespace is gone, or is someone else's now (ours died with the one we made)
             elif op == "link":
                 how = link_owner(net, item)
                 if how == "ours":
@@ -683,8 +691,10 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 problems.append(f"{op} {item.get('name') or item.get('dev')}: {os.strerror(e.code)}")
+                failed.append(item)
         except Exception as e:  # keep going: down must remove everything it can
             problems.append(f"{op} {item.get('name') or item.get('dev')}: {e}")
+            failed.append(item)
     return problems
 
 
@@ -754,7 +764,12 @@ def down(state: State, progress: Callable[[str], None] = lambda s: None,
          warn: Callable[[str], None] = _warn) -> tuple[int, list[str]]:
     with Net() as net:
         n = len(state.created)
-        problems = undo(state.created, net, progress, state=state, warn=warn)
+        failed: list[dict] = []
+        problems = undo(state.created, net, progress, state=state, warn=warn, failed=failed)
+    if failed:  # keep what could not be undone (a QEMU that survived SIGKILL...): the next `down` tries again
+        state.created = [i for i in state.created if i in failed]
+        state.save()
+        return n - len(failed), problems
     state.created, state.taps = [], {}
     state.clear()
     return n, problems
