@@ -153,19 +153,20 @@ def netns_delete(name: str) -> None:
         pass
 
 
-def link_owner(net: "Net", item: dict) -> str:
+def link_owner(net: "Net", item: dict, dumps: dict | None = None) -> str:
     """Whose the device a link item names is: "ours" (same name, the ifindex we chose, in the namespace we made it
-    in), "gone", or "foreign"."""
+    in), "gone", or "foreign". `dumps` caches one link dump per namespace while nothing changes (hundreds of taps)."""
     ns = item.get("ns", "")
     now = ns_ident(ns)
     if now is None or (item.get("nsino") and now != item["nsino"]):
         return "gone"  # its namespace went, and the device with it
-    try:
-        index = net.ipr(ns).link("get", ifname=item["name"])[0]["index"]
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return "gone"
-        raise
+    if dumps is None:
+        dumps = {}
+    if ns not in dumps:
+        dumps[ns] = {name: index for name, (index, _) in net.raw(ns).links().items()}
+    index = dumps[ns].get(item["name"])
+    if index is None:
+        return "gone"
     return "ours" if index == item.get("ifindex") else "foreign"
 
 
@@ -293,22 +294,17 @@ def _ownership(obs: Observed, net: Net, state: State | None) -> None:
     """What of the observed is ours, by the identities in the record (never by name alone)."""
     if state is None:
         return
+    dumps: dict = {}
+    ours = {i["name"] for i in state.created if i["op"] in ("netns", "light") and ns_owner(i) == "ours"}
+    obs.ours_ns |= ours
     for item in state.created:
-        op = item["op"]
-        if op in ("netns", "light") and ns_owner(item) == "ours":
-            obs.ours_ns.add(item["name"])
-            if op == "light" and item.get("device"):
-                obs.ours_links.setdefault(item.get("ns", ""), set()).add(item["device"])
-        elif op == "link" and (item.get("ns", "") == "" or ns_owner_of(state, item.get("ns", "")) == "ours"):
-            if link_owner(net, item) == "ours":
-                obs.ours_links.setdefault(item.get("ns", ""), set()).add(item["name"])
+        op, ns = item["op"], item.get("ns", "")
+        if op == "light" and item["name"] in ours and item.get("device"):
+            obs.ours_links.setdefault(ns, set()).add(item["device"])
+        elif op == "link" and (ns == "" or ns in ours) and link_owner(net, item, dumps) == "ours":
+            obs.ours_links.setdefault(ns, set()).add(item["name"])
         elif op == "nat":
-            obs.ours_nat.add(item.get("ns", ""))
-
-
-def ns_owner_of(state: State, ns: str) -> str:
-    item = next((i for i in state.created if i["op"] in ("netns", "light") and i["name"] == ns), None)
-    return ns_owner(item) if item else "foreign"
+            obs.ours_nat.add(ns)
 
 
 def _light_ok(lab: Lab, g, net: Net, links: dict[str, Link], namespaces: set[str]) -> bool:
@@ -414,11 +410,15 @@ class Applier:
     def note(self, item: dict, ident: dict) -> None:
         hook_intent(item, "made")
         item.update(ident)
+        self.state.touch(item)
         self.state.save()
 
     def _dev(self, ns: str, name: str) -> dict:
-        """The identity of a device we change but did not make (a bridge's address, the uplink's master)."""
-        return {"ifindex": self.net.index(ns, name), "nsino": ns_ident(ns)}
+        """The identity of the device a change is made to (a bridge's address, a port's master): from the record if
+        this lab made it (no lookup: hundreds of taps), else asked of the kernel."""
+        made = self.state.find({"op": "link", "ns": ns, "name": name})
+        index = made["ifindex"] if made and made.get("ifindex") else self.net.index(ns, name)
+        return {"ifindex": index, "nsino": ns_ident(ns)}
 
     def run(self, actions: list[Action]) -> None:
         # Hooks look up a tap's bridge in taps.json, so it must be on disk before any QEMU starts.
@@ -531,7 +531,7 @@ class Applier:
         gns = a.args["netns"]
         items = [i for i in self.state.created if i["op"] == "light" and i["name"] == gns]
         self.net.forget(gns)
-        undo(items, self.net, self.progress, state=self.state)
+        undo(items, self.net, self.progress, state=self.state, ports=True)
         for i in items:
             self.state.remove(i)
         self.net.forget(a.ns, a.args["device"])
@@ -609,12 +609,14 @@ def _index_now(net: Net, ns: str, name: str) -> int | None:
 
 
 def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s: None, state: State | None = None,
-         warn: Callable[[str], None] = _warn, failed: list[dict] | None = None) -> list[str]:
+         warn: Callable[[str], None] = _warn, failed: list[dict] | None = None, ports: bool = False) -> list[str]:
     """Undo recorded items, newest first, each only if what is there now is what we made (by identity: the
     namespace's inode, the device's ifindex, the process's start time). Something else under a recorded name is
     left alone, with a warning. Items inside a namespace that is itself being deleted go with it.
     Returns the problems met (an item already gone is not a problem); the items they concern go to `failed`, so
-    the record keeps them for the next `down`."""
+    the record keeps them for the next `down`. With `ports`, a light guest's port is deleted at once, not with its
+    namespace when the kernel gets round to freeing it (one veth deletion is ~15 ms: only when the name is reused
+    right away)."""
     owner = {i["name"]: ns_owner(i) for i in items if i["op"] in ("netns", "light")}
     problems = []
     failed = [] if failed is None else failed
@@ -632,9 +634,9 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
                 name, how = item["name"], owner[item["name"]]
                 if how == "ours":
                     net.forget(name)
-                    if op == "light" and item.get("ifindex") and ns_ident(ns) == item.get("nsino", ns_ident(ns)):
-                        # The port in the host namespace, by the index we gave it: gone now, not when the kernel
-                        # gets round to freeing the namespace (a light guest made again reuses the port's name).
+                    if ports and op == "light" and item.get("ifindex") and ns_ident(ns) == item.get("nsino"):
+                        # The port in the host namespace, by the index we gave it (a light guest made again reuses
+                        # the port's name).
                         if _index_now(net, ns, item["device"]) == item["ifindex"]:
                             _ignore_missing(net.ipr(ns).link, "del", index=item["ifindex"])
                         net.forget(ns, item["device"])
@@ -702,6 +704,7 @@ def reconcile(state: State, net: Net, warn: Callable[[str], None] = _warn) -> No
     """After a kill -9 (or someone else's hand): drop from the record what is gone or not ours, and remove our own
     half-made namespace files, so `up` neither adopts a namesake nor trips over its own leftovers."""
     keep, dead = [], set()
+    dumps: dict = {}
     for item in state.created:
         op = item["op"]
         if op in ("netns", "light"):
@@ -716,7 +719,7 @@ def reconcile(state: State, net: Net, warn: Callable[[str], None] = _warn) -> No
                      "else?); dropped from the record, left alone")
             dead.add(item["name"])
         elif op == "link":
-            how = "gone" if item.get("ns", "") in dead else link_owner(net, item)
+            how = "gone" if item.get("ns", "") in dead else link_owner(net, item, dumps)
             if how == "ours":
                 keep.append(item)
         else:
@@ -768,6 +771,7 @@ def down(state: State, progress: Callable[[str], None] = lambda s: None,
         problems = undo(state.created, net, progress, state=state, warn=warn, failed=failed)
     if failed:  # keep what could not be undone (a QEMU that survived SIGKILL...): the next `down` tries again
         state.created = [i for i in state.created if i in failed]
+        state.rewrite()
         state.save()
         return n - len(failed), problems
     state.created, state.taps = [], {}

@@ -2,6 +2,7 @@
 was edited, and never what it did not create.
 
     state.json  {"lab": NAME, "created": [ITEM, ...]}   items in creation order; `down` undoes them in reverse
+    journal.jsonl  one ITEM per line, written since state.json was last written whole (replayed on load)
     taps.json   {TAP: {"bridge": BR, "netns": NS}}       read by kvmnet-ifup, which QEMU calls with only the ifname
     lock        flock()ed by the one `up`/`down` working on the lab; holds its pid
 
@@ -13,11 +14,13 @@ and the identity of what it made, so a namesake made by someone else is never ta
     netns/light: "placeholder" [st_dev, st_ino] of the empty /run/netns/NAME file made first, "ino" [st_dev, st_ino]
                  of the namespace (nsfs) bound onto it; link: "ifindex" (chosen before creating it) and "nsino" of
                  the namespace it was made in; guest: "pid" and "start" (/proc/PID/stat field 22).
-An item is written (state.json replaced atomically: temp file, fsync, rename) BEFORE the object is made ("intent"),
+An item is written (appended to journal.jsonl; state.json itself is replaced atomically: temp file, fsync, rename)
+BEFORE the object is made ("intent"),
 then again with the identity; so after a kill -9 at any point the next `up` or `down` knows what it may have made.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
@@ -54,7 +57,7 @@ class State:
         self.dir = (root or RUN_DIR) / lab
         self.created: list[dict] = []
         self.taps: dict[str, dict] = {}
-        self._keys: set[tuple] = set()
+        self._keys: dict[tuple, dict] = {}
         self._lock_fd: int | None = None
         self._saves = 0
         self.load()
@@ -74,11 +77,42 @@ class State:
         except (ValueError, OSError, AttributeError) as e:
             raise StateError(f"{self.dir / 'state.json'}: unreadable record ({e}); nothing done. Inspect it; "
                              "remove it only once nothing it names exists") from None
+        self._keys = {key(i): i for i in self.created}
+        self._replay()
         try:
             self.taps = json.loads((self.dir / "taps.json").read_text())
         except (FileNotFoundError, ValueError):
             self.taps = {}
-        self._keys = {key(i) for i in self.created}
+        self._taps_written = copy.deepcopy(self.taps)
+        self._dirty: list[dict] = []
+        self._full = True  # the first save of a run writes state.json whole (and folds the journal into it)
+
+    def _replay(self) -> None:
+        """Apply journal.jsonl: items written (new, or with an identity added) since state.json was last written
+        whole. Each line is one item; a later line for the same key replaces the earlier."""
+        try:
+            lines = (self.dir / "journal.jsonl").read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return
+        for n, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if not isinstance(item, dict) or "op" not in item:
+                    raise ValueError("not an item")
+            except ValueError as e:
+                if n == len(lines) - 1:
+                    break  # a last line cut short: its write never finished, its step never began
+                raise StateError(f"{self.dir / 'journal.jsonl'}:{n + 1}: unreadable record ({e}); nothing done")
+            k = key(item)
+            old = self._keys.get(k)
+            if old is not None:
+                old.clear()
+                old.update(item)  # in place: keeps its position in creation order
+            else:
+                self._keys[k] = item
+                self.created.append(item)
 
     # --- one run at a time -----------------------------------------------------------------------------------------
 
@@ -120,21 +154,30 @@ class State:
         return key(item) in self._keys
 
     def find(self, item: dict) -> dict | None:
-        k = key(item)
-        return next((i for i in self.created if key(i) == k), None)
+        return self._keys.get(key(item))
 
     def add(self, item: dict) -> bool:
         k = key(item)
         if k in self._keys:
             return False
-        self._keys.add(k)
+        self._keys[k] = item
         self.created.append(item)
+        self._dirty.append(item)
         return True
+
+    def touch(self, item: dict) -> None:
+        """`item` (already recorded) changed: the next save writes it."""
+        self._dirty.append(item)
+
+    def rewrite(self) -> None:
+        """The next save writes state.json whole (after removals, or `created` replaced)."""
+        self._full = True
 
     def remove(self, item: dict) -> None:
         k = key(item)
         self.created = [i for i in self.created if key(i) != k]
-        self._keys.discard(k)
+        self._keys.pop(k, None)
+        self._full = True
 
     def save(self) -> None:
         _test_hook("before", self._saves + 1)
@@ -143,21 +186,45 @@ class State:
             self.clear()
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for name, data in (("state.json", {"lab": self.lab, "created": self.created}), ("taps.json", self.taps)):
-                tmp = self.dir / (name + ".tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            if self.taps != self._taps_written:
+                self._write("taps.json", self.taps)
+                self._taps_written = copy.deepcopy(self.taps)
+            if self._full:
+                # Whole, atomically; then the journal it now contains goes (replaying it again would change nothing).
+                self._write("state.json", {"lab": self.lab, "created": self.created})
+                (self.dir / "journal.jsonl").unlink(missing_ok=True)
+                self._full = False
+            elif self._dirty:
+                # One appended line per item changed: a run of hundreds of steps stays linear, not quadratic. Not
+                # fsync()ed: what it guards against is kill -9 (the page cache outlives the process); a power loss
+                # takes every namespace, link and QEMU it names with it.
+                seen, lines = set(), []
+                for item in self._dirty:
+                    if id(item) not in seen:
+                        seen.add(id(item))
+                        lines.append(json.dumps(item, separators=(",", ":")) + "\n")
+                fd = os.open(self.dir / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
                 try:
-                    os.write(fd, json.dumps(data, separators=(",", ":")).encode())
-                    os.fsync(fd)
+                    os.write(fd, "".join(lines).encode())
                 finally:
                     os.close(fd)
-                os.replace(tmp, self.dir / name)  # atomic: a reader never sees half a file
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            self._dirty = []
         _test_hook("after", self._saves)
+
+    def _write(self, name: str, data) -> None:
+        tmp = self.dir / (name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, json.dumps(data, separators=(",", ":")).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.dir / name)  # atomic: a reader never sees half a file
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     def clear(self) -> None:
         """Remove the record. The lock file goes too (a later run checks it locked the file that is there)."""
