@@ -689,7 +689,10 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
                 _run_in(ns, ["nft", "delete", "table", "inet", item["table"]], check=False)
             elif op == "sysctl" and "old" in item:
                 with entered(ns):
-                    Path("/proc/sys", item["key"]).write_text(item["old"])
+                    f = Path("/proc/sys", item["key"])
+                    # Put back what was there only if it is still what we set, and no other lab relies on it.
+                    if f.read_text().strip() == "1" and not _sysctl_shared(item, state):
+                        f.write_text(item["old"])
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 problems.append(f"{op} {item.get('name') or item.get('dev')}: {os.strerror(e.code)}")
@@ -698,6 +701,23 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
             problems.append(f"{op} {item.get('name') or item.get('dev')}: {e}")
             failed.append(item)
     return problems
+
+
+def _sysctl_shared(item: dict, state: State | None) -> bool:
+    """Another lab's record also set this sysctl in this namespace (host mode: several labs, one ip_forward)."""
+    from .state import RUN_DIR
+    root = state.dir.parent if state is not None else RUN_DIR
+    for other in sorted(root.glob("*/state.json")):
+        if state is not None and other.parent == state.dir:
+            continue
+        try:
+            items = State(other.parent.name, root=root).created
+        except Exception:  # unreadable: assume it may rely on it
+            return True
+        if any(i.get("op") == "sysctl" and i.get("key") == item["key"] and i.get("nsino") == item.get("nsino")
+               for i in items):
+            return True
+    return False
 
 
 def reconcile(state: State, net: Net, warn: Callable[[str], None] = _warn) -> None:
