@@ -149,7 +149,7 @@ def test_failure_part_way_rolls_back_this_run_only(labs):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 1, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and f"create light guest g2" in lines[0] and "rolled back" in lines[0], err
+    assert len(lines) == 1 and "create light guest g2" in lines[0] and "rolled back" in lines[0], err
     assert "Traceback" not in err
     assert d["namespaces"]["host"] not in netns_list() and f"{d['name']}-g1" not in netns_list()
     assert g2 in netns_list() and os.stat(f"/run/netns/{g2}").st_ino == foreign
