@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def _lab_name(path: str) -> str:
         return load_lab(path).name
     except LabError as e:
         first = e
-    data = yamlfile.read_yaml(path, LabError)  # unreadable or not YAML: that line, exit 2
+    # A lab file deleted since `up`: the record is keyed by its stem. Unreadable or not YAML: that line, exit 2.
+    data = yamlfile.read_yaml(path, LabError) if os.path.lexists(path) else None
     for name in ((data.get("name") if isinstance(data, dict) else None), Path(path).stem):
         try:
             return _nsname(name)

@@ -206,3 +206,12 @@ def test_kill_9_while_making_a_namespace_leaves_no_blocking_file(labs):
     assert subprocess.run(["ip", "-n", host, "link", "show", "br0"], capture_output=True).returncode == 0
     cli("down", "-c", str(f), check=True)
     assert_nothing_left(d)
+
+
+def test_down_after_the_lab_file_was_deleted(labs):
+    f, d = labs.make(small_lab())
+    cli("up", "-c", str(f), check=True)
+    f.unlink()                                        # the record is keyed by the file's stem (the lab's name here)
+    r = cli("down", "-c", str(f))
+    assert r.returncode == 0 and "removed" in r.stdout, r.stderr
+    assert_nothing_left(d)
