@@ -625,6 +625,7 @@ def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s
         op, ns = item["op"], item.get("ns", "")
         if op not in ("netns", "light", "guest") and ns in owner:
             continue  # goes with its namespace (or, if that is someone else's now, was never in it)
+        hook_intent(item, "undo")
         try:
             if op == "guest":
                 from . import guests

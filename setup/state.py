@@ -244,11 +244,12 @@ def _test_hook(when: str, n: int | None = None, item: dict | None = None) -> Non
     """For tests that kill -9 `up` between any two of its steps. KVMNET_TEST_HOOK=
         kill-before:N, stop-after:N     SIGKILL/SIGSTOP this process just before/after writing the record the Nth time
         kill-at:OP[:NAME], stop-at:...  just after the intent to make an OP item (named NAME) is on disk
-        kill-made:OP[:NAME], ...        once it is made, just before its identity is written (QEMU runs, unrecorded)"""
+        kill-made:OP[:NAME], ...        once it is made, just before its identity is written (QEMU runs, unrecorded)
+        kill-undo:OP[:NAME], ...        just before `down` (or a rollback) undoes that item"""
     hook = os.environ.get("KVMNET_TEST_HOOK")
     if not hook:
         return
-    m = re.fullmatch(r"(kill|stop)-(before|after|at|made):(.+)", hook)
+    m = re.fullmatch(r"(kill|stop)-(before|after|at|made|undo):(.+)", hook)
     if not m or m.group(2) != when:
         return
     if item is None:

@@ -215,3 +215,16 @@ def test_down_after_the_lab_file_was_deleted(labs):
     r = cli("down", "-c", str(f))
     assert r.returncode == 0 and "removed" in r.stdout, r.stderr
     assert_nothing_left(d)
+
+
+@pytest.mark.parametrize("hook", ["kill-undo:light", "kill-undo:netns", "kill-undo:netns:HOST"])
+def test_kill_9_of_down_midway_then_down_again_leaves_nothing(labs, hook):
+    """down undoes newest first: the light guest, the LAN namespace, then the host namespace (with what is in it)."""
+    f, d = labs.make(small_lab())
+    cli("up", "-c", str(f), check=True)
+    p = start_cli("down", "-c", str(f), hook=hook.replace("HOST", d["namespaces"]["host"]))
+    p.communicate(timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    r = cli("down", "-c", str(f))
+    assert r.returncode == 0, r.stderr
+    assert_nothing_left(d)
