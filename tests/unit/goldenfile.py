@@ -20,3 +20,17 @@ def exported_names() -> set[str]:
     for name, kind in golden_families().items():
         out |= {name + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {name}
     return out
+
+
+def golden_labels() -> dict[str, set[str]]:
+    """{family: label names} over the golden file's samples (without `le`); families without samples are absent."""
+    fams = golden_families()
+    out: dict[str, set[str]] = {}
+    for m in re.finditer(r"^([a-zA-Z_:][\w:]*)(\{[^\n]*\})? \S+$", GOLDEN.read_text(), re.M):
+        name = m.group(1)
+        if name not in fams:
+            name = re.sub(r"_(bucket|sum|count)$", "", name)
+        out.setdefault(name, set()).update(re.findall(r'(\w+)="', m.group(2) or "") or [])
+    for v in out.values():
+        v.discard("le")
+    return out
