@@ -12,6 +12,7 @@ process_* metrics, the collector durations, the reload timestamp and kvmnet_buil
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import os
 import re
@@ -32,6 +33,7 @@ from kvmnet.exporter.prober.targets import Target
 from kvmnet.exporter.sources.netlink import DUMP_ATTEMPTS, NetlinkSource
 from kvmnet.exporter.web import SERVICE_KEY, create_app
 
+from .fakeicmp import FakeIcmp
 from .fakenetlink import FakeKernel
 
 from .goldenfile import GOLDEN
@@ -47,16 +49,6 @@ GUESTS = [Target("vm0", ipaddress.ip_address("10.0.0.10"), "", mac="0a:00:00:00:
                  source="config"),
           Target("vm2", ipaddress.ip_address("fd00::12"), "", source="config")]
 RTTS = {"vm0": [18e-6, 25e-6, 25e-6, 90e-6, 1.5e-3], "vm2": [40e-6]}
-
-
-class _Sock:
-    """What Prober.sockets() reads of an open ICMP socket."""
-
-    def __init__(self, netns: str, family: int, mode: str) -> None:
-        self.netns, self.family, self.mode, self.pending = netns, family, mode, {}
-
-    def close(self) -> None:
-        pass
 
 
 class DeterministicProber(GuestProber):
@@ -78,17 +70,21 @@ class DeterministicProber(GuestProber):
                 if st.target.name == "vm1":
                     st.requests, st.send_errors = 4, 1
                     st.on_loss(p.down_after)
-        p._sockets[("", socket.AF_INET)] = _Sock("", socket.AF_INET, "raw")
+        p._loop = asyncio.get_running_loop()
+        p.socket_for("", socket.AF_INET)  # a real IcmpSocket on the fake ICMP kernel
         p._unavailable[("", socket.AF_INET6)] = "not permitted"
 
     async def stop(self) -> None:
-        self.prober._sockets.clear()
+        await self.prober.stop()
 
 
 def make_app(kernel: FakeKernel):
     settings = svc.Settings(enabled={**{c: True for c in svc.COLLECTORS}, "identity": False})  # no /proc scan
     loaded = svc.Loaded(Config(), None, [""], list(GUESTS))
-    prober = DeterministicProber(Prober(interval=1.0, timeout=1.0, down_after=3), render=GuestCollector)
+    # /probe runs the real on-demand path on a fake ICMP socket: vm0 answers in 200 us, the rest never.
+    icmp = FakeIcmp({"10.0.0.10": 200e-6})
+    prober = DeterministicProber(Prober(interval=1.0, timeout=1.0, down_after=3, socket_factory=icmp.factory),
+                                 render=GuestCollector)
     service = svc.Service(settings, loaded, prober=prober,
                           source_factory=lambda ns: NetlinkSource(ns, socket_factory=kernel.factory))
     return create_app(service, probe_handler=prober.handle_probe)
@@ -157,3 +153,19 @@ async def test_a_failing_dump_fails_its_collector_and_the_rest_is_served(client)
     assert f'kvmnet_netlink_dump_interrupted_total{{netns=""}} {DUMP_ATTEMPTS}' in body
     assert 'kvmnet_netlink_errors_total{netns=""} 1' in body
     assert 'kvmnet_netlink_resyncs_total{netns=""} 1' in body
+
+
+async def test_probe_endpoint(client):
+    r = await client.get("/probe", params={"target": "10.0.0.10", "count": "2"},
+                         headers={"X-Prometheus-Scrape-Timeout-Seconds": "1.5"})
+    assert r.status == 200
+    got = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    assert got["probe_success"].samples[0].value == 1
+    assert got["probe_icmp_packets_received"].samples[0].value == 2
+    assert {s.labels["stat"]: s.value for s in got["probe_icmp_rtt_seconds"].samples} == \
+        pytest.approx({"min": 200e-6, "avg": 200e-6, "max": 200e-6}, rel=1e-6)
+    r = await client.get("/probe", params={"target": "10.0.0.99", "count": "1"},
+                         headers={"X-Prometheus-Scrape-Timeout-Seconds": "0.7"})
+    assert "probe_success 0" in await r.text()
+    r = await client.get("/probe", params={"target": "not-an-ip"})
+    assert r.status == 400 and "target" in await r.text()
