@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import socket
 from bisect import bisect_left
+from itertools import accumulate
 
 from .targets import Target
 
@@ -52,8 +53,4 @@ class GuestState:
             self.up = False
 
     def cumulative(self) -> list[int]:
-        out, c = [], 0
-        for n in self.buckets[:-1]:
-            c += n
-            out.append(c)
-        return out
+        return list(accumulate(self.buckets[:-1]))
