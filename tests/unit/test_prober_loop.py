@@ -142,3 +142,44 @@ async def test_targets_replaced_keep_counters_of_those_that_stay(run):
     p.set_targets([])
     await asyncio.sleep(INTERVAL * 3)
     assert p._sockets == {}  # pruned once no target uses them
+
+
+async def test_guest_prober_discovers_probes_and_renders(tmp_path):
+    """GuestProber's lifecycle: discovery over the service's netlink source (the fake kernel's recorded dumps,
+    with the neighbour entry pointed at the MAC learned on vm0), the prober loop on the fake ICMP socket, the
+    probe collector, reconfigure without discovery, stop."""
+    from kvmnet.common import rtnl
+    from kvmnet.exporter import service as svc
+    from kvmnet.exporter.collectors.probe import GuestCollector
+    from kvmnet.exporter.config import Config
+    from kvmnet.exporter.exposition import render
+    from kvmnet.exporter.prober.engine import GuestProber
+    from kvmnet.exporter.sources.netlink import NetlinkSource
+
+    from .fakenetlink import FakeKernel, recorded
+
+    dumps = recorded()
+    neigh = bytearray(dumps[(rtnl.RTM_GETNEIGH, 0)])
+    old = bytes.fromhex("0a0000000909")
+    assert neigh.count(old) == 1
+    neigh[neigh.index(old):neigh.index(old) + 6] = bytes.fromhex("0a0000000005")
+    dumps[(rtnl.RTM_GETNEIGH, 0)] = bytes(neigh)
+    kernel = FakeKernel(dumps)
+    src = NetlinkSource("", socket_factory=kernel.factory)
+    net = FakeIcmp({"10.0.0.9": 30e-6})
+    gp = GuestProber(Prober(socket_factory=net.factory), render=GuestCollector)
+    gp.source_for = lambda ns: src
+    try:
+        await gp.start(svc.Loaded(Config(), None, [""], []))
+        await until(lambda: any(s.up for s in gp.prober.states.values()))
+        [t] = gp.prober.targets()
+        assert (t.name, str(t.address), t.mac, t.bridge, t.device, t.source) == \
+            ("vm0", "10.0.0.9", "0a:00:00:00:00:05", "br0", "vm0", "discovery")
+        text = render([f for c in gp.collectors() for f in c.collect()]).decode()
+        assert 'kvmnet_guest_up{netns="",guest="vm0"} 1' in text
+        gp.reconfigure(svc.Loaded(Config(probe={"discover": False}), None, [""], []))
+        assert gp.prober.targets() == []
+    finally:
+        await gp.stop()
+        src.close()
+        kernel.close()
