@@ -216,7 +216,7 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
     """An RTM_NEWLINK (AF_UNSPEC) message. Raises Malformed when it or an attribute we read is short."""
     _need(off, end, 32, "ifinfomsg")
     _family, _type, index, flags, _change = _IFI.unpack_from(data, off + 16)
-    at = _attrs(data, off + 32, end)
+    at = _attrs(data, off + 32, end, True)
     name = at.get(IFLA_IFNAME)
     if name is None:
         return None
@@ -290,7 +290,7 @@ def parse_fdb(data: bytes, off: int, end: int) -> FdbEntry | None:
     family, ifindex, state, _flags, _type = _NDM.unpack_from(data, off + 16)
     if family != AF_BRIDGE:
         return None
-    at = _attrs(data, off + 28, end)
+    at = _attrs(data, off + 28, end, True)
     m = at.get(NDA_MASTER)
     if m is None:
         return None
@@ -308,7 +308,7 @@ def parse_neigh(data: bytes, off: int, end: int) -> tuple[int, ipaddress.IPv4Add
     family, ifindex, state, _flags, _type = _NDM.unpack_from(data, off + 16)
     if family not in (AF_INET, AF_INET6):
         return None
-    at = _attrs(data, off + 28, end)
+    at = _attrs(data, off + 28, end, True)
     dst, ll = at.get(NDA_DST), at.get(NDA_LLADDR)
     if dst is None or ll is None or ll[1] - ll[0] != 6:
         return None

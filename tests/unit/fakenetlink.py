@@ -16,6 +16,7 @@ NLM_F_MULTI, then NLMSG_DONE, or whatever the script says instead:
     error       one NLMSG_ERROR (-EOPNOTSUPP) instead of a dump
     truncated   a first datagram whose first message claims more bytes than the datagram holds
     malformed   a link message whose IFLA_MASTER has 2 bytes, then the dump
+    overrun     a link message whose IFLA_IFNAME claims more bytes than the message has, then the dump
     silent      no answer (the source's timeout fires)
 """
 from __future__ import annotations
@@ -57,6 +58,11 @@ def error(seq: int, err: int, request: bytes) -> bytes:
 def malformed_link(seq: int) -> bytes:
     body = rtnl.IFI.pack(0, 1, 999, 0, 0) + rtnl.pack_attr(rtnl.IFLA_IFNAME, b"bad0\0") \
         + rtnl.NLA.pack(6, rtnl.IFLA_MASTER) + b"\x01\x00\0\0"
+    return rtnl.HDR.pack(16 + len(body), rtnl.RTM_NEWLINK, rtnl.NLM_F_MULTI, seq, 0) + body
+
+
+def overrun_link(seq: int) -> bytes:
+    body = rtnl.IFI.pack(0, 1, 998, 0, 0) + rtnl.NLA.pack(40, rtnl.IFLA_IFNAME) + b"bad1\0\0\0\0"
     return rtnl.HDR.pack(16 + len(body), rtnl.RTM_NEWLINK, rtnl.NLM_F_MULTI, seq, 0) + body
 
 
@@ -123,6 +129,8 @@ class FakeKernel:
         msgs = [renumber(m, seq, flags) for m in messages(self.dumps[(typ, family)])]
         if mode == "malformed":
             msgs.insert(0, malformed_link(seq))
+        if mode == "overrun":
+            msgs.insert(0, overrun_link(seq))
         out = [b"".join(msgs[i:i + PER_DATAGRAM]) for i in range(0, len(msgs), PER_DATAGRAM)]
         out.append(done(seq, flags, errno.EMSGSIZE if mode == "done_error" else 0))
         if mode == "truncated":

@@ -116,8 +116,9 @@ def test_a_truncated_datagram_drops_only_the_request_socket(kernel, src):
     assert src.resyncs == 1
 
 
-def test_a_malformed_attribute_fails_the_dump(kernel, src):
-    kernel.script[rtnl.RTM_GETLINK] = ["malformed"]
+@pytest.mark.parametrize("mode", ["malformed", "overrun"])
+def test_a_malformed_attribute_fails_the_dump(kernel, src, mode):
+    kernel.script[rtnl.RTM_GETLINK] = [mode]
     with pytest.raises(nl.NetlinkProtocolError, match="malformed"):
         src.snapshot()
     assert src.snapshot() == expected()
