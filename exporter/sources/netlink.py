@@ -36,6 +36,16 @@ Namespaces: sockets pin the namespace they were made in, even after `ip netns de
 that /run/netns/NAME still exists and is the same namespace (inode); if it is gone it raises NetnsGone and closes
 the sockets, if it was recreated the sockets are reopened and everything resynced.
 
+Failures fail closed, per request, and never cost a resync. A dump the kernel ends with an error (NLMSG_ERROR, or
+an NLMSG_DONE whose int is a negative errno), a dump still marked NLM_F_DUMP_INTR after DUMP_ATTEMPTS tries, or a
+message that does not decode (a length past its buffer or message, a short attribute) raises NetlinkProtocolError:
+the collector that asked fails that scrape (kvmnet_scrape_collector_success 0), the others are served, and nothing
+from the bad dump is used. Those dumps were read to their end, so the sockets and the event-kept tables stay. A
+timeout or socket error closes only the request socket (it may hold the rest of a dump); a malformed event, like
+ENOBUFS, resyncs. `dumps_interrupted` and `errors` count them (kvmnet_netlink_dump_interrupted_total,
+kvmnet_netlink_errors_total). The sockets come from `socket_factory` (open_netlink), so tests/unit/test_netlink_io.py
+runs all of this without root against a fake kernel.
+
 Constants come from the kernel UAPI headers:
 https://github.com/torvalds/linux/blob/master/include/uapi/linux/{netlink,rtnetlink,if_link,neighbour,if_bridge}.h
 """
