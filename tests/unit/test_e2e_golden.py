@@ -19,7 +19,6 @@ import re
 import shutil
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
