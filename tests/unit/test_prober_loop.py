@@ -78,7 +78,8 @@ async def test_down_after_n_losses_then_up_again(run):
     net.answers["10.0.0.1"] = DROP
     st = states(p)["a"]
     await until(lambda: st.lost_in_row >= 1)
-    assert st.up  # one loss is not down
+    if st.lost_in_row < 3:  # (under load the loop may already be further along)
+        assert st.up  # fewer than down_after losses is not down
     await until(lambda: not st.up)
     assert st.lost_in_row == 3
     net.answers["10.0.0.1"] = 50e-6
@@ -86,11 +87,11 @@ async def test_down_after_n_losses_then_up_again(run):
 
 
 async def test_late_replies_count_as_lost(run):
-    p, net = await run({"10.0.0.1": LATE}, late=TIMEOUT * 3)
+    p, net = await run({"10.0.0.1": LATE}, late=TIMEOUT * 10)
     p.set_targets([target("a", "10.0.0.1")])
     st = states(p)["a"]
     await until(lambda: st.lost_in_row >= 3)
-    await asyncio.sleep(TIMEOUT * 4)  # the late replies arrive now: ignored, not counted
+    await asyncio.sleep(TIMEOUT * 12)  # the late replies arrive now: ignored, not counted
     assert st.replies == 0 and not st.up
 
 
@@ -140,8 +141,7 @@ async def test_targets_replaced_keep_counters_of_those_that_stay(run):
     p.set_targets([target("a", "10.0.0.1")])
     assert list(states(p)) == ["a"] and states(p)["a"].replies >= before
     p.set_targets([])
-    await asyncio.sleep(INTERVAL * 3)
-    assert p._sockets == {}  # pruned once no target uses them
+    await until(lambda: p._sockets == {})  # pruned once no target uses them and nothing is in flight
 
 
 async def test_guest_prober_discovers_probes_and_renders(tmp_path):
