@@ -146,4 +146,4 @@ def test_guest_rows_cached_and_odd_names_rendered_exactly():
     assert [s.value for s in mine if s.labels.get("le") == "2e-05"] == [0]
     p.set_targets([Target("b", ipaddress.ip_address("10.0.0.2"))])
     c.collect()
-    assert len(c._rows) == 1
+    assert len(c._keys) == 1
