@@ -326,10 +326,10 @@ GUEST_NOTES = """Notes on the probed-guest runs:
 - Collector durations above are wall time in threads that share the GIL with each other and with the prober's
   loop (1000 echo requests a second), so they overlap and add up to more than the scrape.
 - Where the full scrape's CPU goes at 1000 guests and 1000 ports (in process, `time.process_time`, median of 15,
-  same machine): bridge collector ~8 ms, fdb ~2.5 ms, probe collector ~8-10 ms, rendering ~4 ms, gzip level 1 of
+  same machine): bridge collector ~6-8 ms, fdb ~2-2.5 ms, probe collector ~5.5-10 ms, rendering ~4 ms, gzip level 1 of
   the 3.9 MB body ~9 ms. Before the probe collector cached its rows, it took ~40-55 ms (each guest's 21 `le`
-  labels rendered and escaped every scrape, and 23 lines formatted one by one); now each guest's histogram is one
-  cached %-template, formatted in one call.
+  labels rendered and escaped every scrape, and 23 lines formatted one by one); now each family's text is one
+  cached %-template while the guest list stays, formatted in one call per family.
 - The machine is shared with other work (load 3-9 during these runs); node_exporter's own p50 moved between ~90
   and ~190 ms from run to run at 1000 ports, so only ratios within one run mean anything.
 """
