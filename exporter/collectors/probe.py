@@ -31,8 +31,9 @@ class GuestCollector:
     name = "probe"
     netns = ""
 
-    def __init__(self, prober: Any) -> None:
+    def __init__(self, prober: Any, owner: Any = None) -> None:
         self.prober = prober
+        self.owner = owner  # the GuestProber: /probe refusals
         self._keys: tuple = ()
         self._tpl: tuple[str, ...] = ()
 
@@ -79,12 +80,14 @@ class GuestCollector:
             for _t, _up, _req, _rep, _err, _last, cum, total, count in snap:
                 hist += cum
                 hist += (count, format_value(float(total)), count)
-            up.lines.append(tpl[0] % tuple([1 if r[1] else 0 for r in snap]))
-            rtt.lines.append(tpl[1] % tuple(hist))
-            req.lines.append(tpl[2] % tuple([r[2] for r in snap]))
-            rep.lines.append(tpl[3] % tuple([r[3] for r in snap]))
-            err.lines.append(tpl[4] % tuple([r[4] for r in snap]))
-            last.lines.append(tpl[5] % tuple([format_value(r[5]) for r in snap]))
+            for fam, t, values in ((up, tpl[0], [1 if r[1] else 0 for r in snap]), (rtt, tpl[1], hist),
+                                   (req, tpl[2], [r[2] for r in snap]), (rep, tpl[3], [r[3] for r in snap]),
+                                   (err, tpl[4], [r[4] for r in snap]),
+                                   (last, tpl[5], [format_value(r[5]) for r in snap])):
+                try:
+                    fam.lines.append(t % tuple(values))
+                except (TypeError, ValueError) as exc:  # a value that is not a number drops its family only
+                    fam.error = f"not a number among {len(values)} values ({exc})"
             info.lines.append(tpl[6])
         else:
             self._keys, self._tpl = (), ()
@@ -98,4 +101,23 @@ class GuestCollector:
             mode.add(labels(netns=netns, family=family, mode=m), 1)
         for (netns, fam) in sorted(self.prober.unavailable()):
             sock.add(labels(netns=netns, family=FAMILY_NAME[fam]), 0)
-        return [up, rtt, req, rep, err, last, info, sock, mode]
+        fams = [up, rtt, req, rep, err, last, info, sock, mode]
+        last_cycle = getattr(self.prober, "last_cycle", None)
+        if last_cycle is not None:
+            beat = MetricFamily("kvmnet_prober_last_cycle_timestamp_seconds", "gauge",
+                                "Unix time the background prober last started a cycle (at least once per interval "
+                                "while it runs). Alert KvmnetProbingStopped fires when it falls behind.")
+            beat.add("", last_cycle)
+            ival = MetricFamily("kvmnet_prober_interval_seconds", "gauge",
+                                "The background prober's interval (probe.interval): each guest is pinged once per "
+                                "interval.")
+            ival.add("", getattr(self.prober, "interval", 0.0))
+            fams += [beat, ival]
+        if self.owner is not None:
+            rej = MetricFamily("kvmnet_http_probe_rejected_total", "counter",
+                               "/probe requests refused: bad_request (400), netns_not_watched (403), too_many (429: "
+                               "the in-flight cap).")
+            for reason in ("bad_request", "netns_not_watched", "too_many"):
+                rej.add(labels(reason=reason), self.owner.rejected.get(reason, 0))
+            fams.append(rej)
+        return fams
