@@ -8,7 +8,8 @@ Regenerate after an intended change of the output (a new family, a changed HELP)
 
 The skip rule (SKIP, below): sample lines of series whose value depends on the machine or the moment are left out
 of the comparison; their `# HELP` and `# TYPE` lines stay, so the family list is still checked. Those are the
-process_* metrics, the collector durations, the reload timestamp and kvmnet_build_info (its python label).
+process_* metrics, the collector durations, the reload timestamp, the prober's heartbeat timestamp and
+kvmnet_build_info (its python label).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,7 +40,8 @@ from .fakenetlink import FakeKernel
 from .goldenfile import GOLDEN
 # Sample lines (not HELP/TYPE) that cannot be deterministic. Documented in docs/metrics.md too.
 SKIP = re.compile(r"^(process_\w+|kvmnet_scrape_collector_duration_seconds|"
-                  r"kvmnet_config_last_reload_success_timestamp_seconds|kvmnet_build_info)[{ ]")
+                  r"kvmnet_config_last_reload_success_timestamp_seconds|kvmnet_build_info|"
+                  r"kvmnet_prober_last_cycle_timestamp_seconds)[{ ]")
 T0 = 1_767_225_600.0  # the prober's fixed "now" for last-reply timestamps: 2026-01-01T00:00:00Z
 
 # Three guests: vm0 answers with known RTTs, vm1 never answered (down from the start), vm2 answered then lost 3.
@@ -69,12 +72,28 @@ class DeterministicProber(GuestProber):
                 if st.target.name == "vm1":
                     st.requests, st.send_errors = 4, 1
                     st.on_loss(p.down_after)
+        # Alive as health() and snapshot() judge it (guest_up is never 1 on stale data): a loop that has just
+        # cycled, and a fresh result for every guest. The heartbeat's value is the one non-deterministic number.
+        now = time.time()
+        p.last_cycle = now
+        p._task = _Running()
+        with p.lock:
+            for st in p._order:
+                st.last_result = now
         p._loop = asyncio.get_running_loop()
         p.socket_for("", socket.AF_INET)  # a real IcmpSocket on the fake ICMP kernel
         p._unavailable[("", socket.AF_INET6)] = "not permitted"
 
     async def stop(self) -> None:
+        self.prober._task = None
         await self.prober.stop()
+
+
+class _Running:
+    """Stands for the prober's task: running."""
+
+    def done(self) -> bool:
+        return False
 
 
 def make_app(kernel: FakeKernel):
