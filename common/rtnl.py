@@ -71,13 +71,18 @@ def iter_messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
         off += (length + 3) & ~3
 
 
-def attr_spans(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
-    """Attributes between off and end as {type: (payload_start, payload_end)}: no copies."""
+def attr_spans(data: bytes, off: int, end: int, strict: bool = False) -> dict[int, tuple[int, int]]:
+    """Attributes between off and end as {type: (payload_start, payload_end)}: no copies. An attribute whose
+    length is below 4 or runs past `end` ends the walk; with `strict` it raises ValueError instead (the exporter
+    must not silently lose a device's name or master to a truncated message)."""
     out = {}
     unpack = NLA.unpack_from
     while off + 4 <= end:
         alen, atype = unpack(data, off)
         if alen < 4 or off + alen > end:
+            if strict:
+                raise ValueError(f"attribute {atype & NLA_TYPE_MASK} of {alen} bytes at {off} runs past its "
+                                 f"message (ends at {end})")
             break
         out[atype & NLA_TYPE_MASK] = (off + 4, off + alen)
         off += (alen + 3) & ~3
@@ -229,9 +234,11 @@ class Rtnl:
             if e.errno != errno.EEXIST:
                 raise
 
-    def veth_add(self, name: str, index: int, mac: str | None, peer: str, peer_ns_fd: int, up: bool = True) -> None:
-        """Create veth `name` (at ifindex `index`, with `mac`, up) here, and its peer in namespace `peer_ns_fd`."""
-        peer_msg = _ifinfo() + _name(peer) + _attr(IFLA_NET_NS_FD, struct.pack("I", peer_ns_fd))
+    def veth_add(self, name: str, index: int, mac: str | None, peer: str, peer_ns_fd: int, up: bool = True,
+                 peer_index: int = 0) -> None:
+        """Create veth `name` (at ifindex `index`, with `mac`, up) here, and its peer in namespace `peer_ns_fd` (at
+        `peer_index`, or where the kernel puts it)."""
+        peer_msg = _ifinfo(peer_index) + _name(peer) + _attr(IFLA_NET_NS_FD, struct.pack("I", peer_ns_fd))
         data = _attr(VETH_INFO_PEER | NLA_F_NESTED, peer_msg)
         info = _attr(IFLA_INFO_KIND, b"veth\0") + _attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
         body = _ifinfo(index, IFF_UP if up else 0, IFF_UP if up else 0) + _name(name)
