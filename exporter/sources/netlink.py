@@ -71,7 +71,7 @@ RTM_NEWSTATS, RTM_GETSTATS = 92, 94
 RTNLGRP_LINK, RTNLGRP_NEIGH = 1, 3
 RTEXT_FILTER_SKIP_STATS = 1 << 3  # counters come from RTM_GETSTATS instead
 # <linux/if_link.h>
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 10, 12, 18
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 5, 10, 12, 18
 IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 29, 35
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_BR_STP_STATE = 5
@@ -124,6 +124,7 @@ class Link:
     name: str
     kind: str                    # IFLA_INFO_KIND; "tap"/"tun" for tun devices; "physical" when the driver has none
     master: int = 0
+    link: int = 0                # IFLA_LINK: a macvtap's lower device (same namespace)
     mac: str = ""
     flags: int = 0
     carrier_changes: int = 0
@@ -149,6 +150,7 @@ class Port:
     stp_state: int
     stats: Counters
     fdb: FdbCounts | None = None
+    lower: str = ""  # a macvtap's lower device; "" for bridge ports
 
     @property
     def up(self) -> bool:
@@ -176,6 +178,9 @@ class Bridge:
 class BridgeSnapshot:
     netns: str
     bridges: list[Bridge]  # sorted by name; ports sorted by name
+    # Guest NICs that are no bridge's port: macvtap devices (libvirt <interface type='direct'>), sorted by name.
+    # A macvtap is its own guest's "port" on the lower device's segment; it has no bridge, STP state or FDB.
+    macvtaps: list[Port] = field(default_factory=list)
 
 
 class FdbEntry(NamedTuple):
@@ -242,6 +247,8 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
     link = Link(index=index, name=_cstr(data, name), kind="physical", flags=flags, mac=_mac(data, at.get(IFLA_ADDRESS)))
     if (a := at.get(IFLA_MASTER)) is not None:
         link.master = _U32.unpack_from(data, a[0])[0]
+    if (a := at.get(IFLA_LINK)) is not None:
+        link.link = _U32.unpack_from(data, a[0])[0]
     if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
         link.carrier_changes = _U32.unpack_from(data, a[0])[0]
     if (a := at.get(IFLA_LINKINFO)) is not None:
@@ -446,9 +453,14 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
                 continue
             bridges[l.index] = Bridge(l.index, l.name, l.mac, l.flags, l.carrier_changes, bool(l.stp_enabled), st,
                                       fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None)
+    macvtaps: list[Port] = []
     for l in links.values():
         br = bridges.get(l.master) if l.master else None
         if br is None:
+            if l.kind == "macvtap" and (st := stats.get(l.index) if stats is not None else empty) is not None:
+                lower = links.get(l.link)
+                macvtaps.append(Port(l.index, l.name, l.kind, l.mac, l.flags, l.carrier_changes, 0, st,
+                                     lower=lower.name if lower is not None else ""))
             continue
         st = stats.get(l.index) if stats is not None else empty
         if st is None:
@@ -458,7 +470,7 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
     out = sorted(bridges.values(), key=lambda b: b.name)
     for b in out:
         b.ports.sort(key=lambda p: p.name)
-    return BridgeSnapshot(netns, out)
+    return BridgeSnapshot(netns, out, sorted(macvtaps, key=lambda p: p.name))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 import os
 from types import SimpleNamespace
 
-from kvmnet.exporter.sources.identity import (GuestDirectory, GuestIdentity, Netdev, parse_cmdline, parse_domain_xml,
+from kvmnet.exporter.sources.identity import (GuestDirectory, GuestIdentity, Netdev, libvirt_state, parse_cmdline,
+                                             parse_domain_xml, qmp_socket, qmp_state, shutoff_reason,
                                              parse_fdinfo, parse_opts, resolve_taps)
 
 # The seed's own command line (DESIGN.md): a tap named on the command line, the MAC on the -device.
@@ -142,7 +143,26 @@ def test_domain_xml():
     assert d.name == "web01" and d.pid == 4242
     assert d.interfaces == [("vnet3", "52:54:00:aa:bb:01"), ("vnet4", "52:54:00:aa:bb:02")]
     plain = parse_domain_xml("<domain><name>x</name><devices><interface><target dev='t'/></interface></devices></domain>")
-    assert plain == ("x", None, [("t", "")])
+    assert plain == ("x", None, [("t", "")], "", "")
+    assert (d.state, d.reason) == ("running", "booted")
+    paused = parse_domain_xml(DOMSTATUS.replace("state='running' reason='booted'", "state='paused' reason='user'"))
+    assert (paused.state, paused.reason) == ("paused", "user")
+
+
+def test_states_and_reasons():
+    assert libvirt_state("paused") == "paused" and libvirt_state("nostate") == "unknown"
+    assert libvirt_state("bogus") == "unknown"
+    assert qmp_state("running") == "running" and qmp_state("suspended") == "pmsuspended"
+    assert qmp_state("guest-panicked") == "crashed" and qmp_state("prelaunch") == "paused"
+    log = ("2026-12-01 11:00:00.000+0000: starting up libvirt version: 9.0.0\n"
+           "2026-12-01 11:01:00.000+0000: shutting down, reason=crashed\n"
+           "2026-12-01 11:02:00.000+0000: starting up\n"
+           "2026-12-01 11:03:00.000+0000: shutting down, reason=destroyed\n")
+    assert shutoff_reason(log) == "destroyed"
+    assert shutoff_reason("") == ""
+    assert qmp_socket(["qemu-system-x86_64", "-qmp", "unix:/run/kvmnet/l/guests/vm1.qmp,server=on,wait=off"]) == \
+        "/run/kvmnet/l/guests/vm1.qmp"
+    assert qmp_socket(["qemu-system-x86_64", "-qmp", "tcp:127.0.0.1:4444"]) == ""
     assert parse_domain_xml("<not-xml") is None
     assert parse_domain_xml("<other/>") is None
 
