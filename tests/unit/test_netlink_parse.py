@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmnet.exporter.collectors.bridges import bridge_families, fdb_families, _filter
+from kvmnet.exporter.collectors.bridge import _filter, bridge_families
+from kvmnet.exporter.collectors.fdb import fdb_families
 from kvmnet.exporter.exposition import render
 from kvmnet.exporter.sources import netlink as nl
 
@@ -181,7 +182,7 @@ def test_include_exclude():
 
 
 def test_rows_cache_is_reused_and_pruned():
-    from kvmnet.exporter.collectors.bridges import _Rows
+    from kvmnet.exporter.collectors.bridge import _Rows
     rows = _Rows()
     snap = snapshot()
     a = render(bridge_families(snap, rows=rows))

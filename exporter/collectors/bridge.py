@@ -1,9 +1,7 @@
-"""Bridges and their ports: counters, carrier, STP state, FDB sizes and the tap -> guest mapping.
+"""--collector.bridge: bridges and their ports: counters, carrier, STP state and the tap -> guest mapping.
 
-Two collectors over one shared `NetlinkSource` per namespace, so operators can drop the FDB part
-(`--no-collector.fdb`): without it the source never subscribes to or dumps the FDB.
-
-`bridge` (BridgeCollector):
+This and collectors/fdb.py read one `NetlinkSource` per namespace (the service owns it), so operators can drop the
+FDB part (`--no-collector.fdb`): without it the source never subscribes to or dumps the FDB.
 
     # HELP kvmnet_port_transmit_bytes_total Bytes the host sent out of this bridge port. Host's view: a tap's transmit is its guest's receive.
     # TYPE kvmnet_port_transmit_bytes_total counter
@@ -14,14 +12,9 @@ Two collectors over one shared `NetlinkSource` per namespace, so operators can d
     kvmnet_bridge_ports{netns="lab",bridge="br0"} 2
     kvmnet_bridge_info{netns="lab",bridge="br0",mac="..",stp="true"} 1
 
-`fdb` (FdbCollector):
-
-    kvmnet_port_fdb_entries{netns="lab",bridge="br0",device="vm1eth0",type="learned"} 1
-    kvmnet_bridge_fdb_entries{netns="lab",bridge="br0",type="local"} 3
-
 Samples come sorted by bridge, then device (the snapshot's order), so output is stable. `include`/`exclude`
 (`--device.include/exclude`) are searched (re.search) in bridge port names only; bridges are always reported, and
-kvmnet_bridge_ports and kvmnet_bridge_fdb_entries always count every port.
+kvmnet_bridge_ports always counts every port.
 """
 from __future__ import annotations
 
@@ -30,11 +23,11 @@ import re
 from typing import Callable, Iterable
 
 from ..exposition import MetricFamily, labels, with_label
-from ..sources.netlink import FDB_TYPES, STP_STATES, BridgeSnapshot, Counters, NetlinkSource, source_for
+from ..sources.netlink import STP_STATES, BridgeSnapshot, Counters, NetlinkSource
 
 FIELDS = Counters._fields
 
-log = logging.getLogger("kvmnet.collectors.bridges")
+log = logging.getLogger("kvmnet.collectors.bridges")  # the name the logs have always had
 
 _HOST_VIEW = "Host's view: a tap's transmit is its guest's receive."
 # (field of Counters, direction, unit): the order of the families in the output.
@@ -170,45 +163,6 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
     return port_c + [up, flaps, stp, info] + br_c + [br_up, br_ports, br_info]
 
 
-def fdb_families(snap: BridgeSnapshot, keep: Callable[[str], bool] = lambda _n: True,
-                 cache: dict | None = None) -> list[MetricFamily]:
-    """Render FDB sizes; `cache` keeps the three rendered prefixes per device across scrapes."""
-    port = MetricFamily("kvmnet_port_fdb_entries", "gauge",
-                        "Bridge FDB entries on this port by type: local (the port's own addresses, permanent), "
-                        "static (added by an operator) and learned (dynamic).")
-    bridge = MetricFamily("kvmnet_bridge_fdb_entries", "gauge",
-                          "Bridge FDB entries by type (local, static, learned), all ports and the bridge itself.")
-    cache = cache if cache is not None else {}
-    ns = snap.netns
-    seen = set()
-
-    def prefixes(metric: str, bridge_name: str, device: str | None) -> tuple[str, ...]:
-        key = (metric, ns, bridge_name, device)
-        seen.add(key)
-        row = cache.get(key)
-        if row is None:
-            base = labels(netns=ns, bridge=bridge_name) if device is None else labels(netns=ns, bridge=bridge_name,
-                                                                                          device=device)
-            row = tuple(f"{metric}{with_label(base, 'type', t)} " for t in FDB_TYPES)
-            cache[key] = row
-        return row
-
-    for br in snap.bridges:
-        if br.fdb is not None:
-            pre = prefixes(bridge.name, br.name, None)
-            f = br.fdb
-            bridge.lines += (pre[0] + str(f.local), pre[1] + str(f.static), pre[2] + str(f.learned))
-        for p in br.ports:
-            if keep(p.name) and p.fdb is not None:
-                pre = prefixes(port.name, br.name, p.name)
-                f = p.fdb
-                port.lines += (pre[0] + str(f.local), pre[1] + str(f.static), pre[2] + str(f.learned))
-    if len(cache) > len(seen):
-        for k in [k for k in cache if k not in seen]:
-            del cache[k]
-    return [port, bridge]
-
-
 class BridgeCollector:
     """kvmnet_port_* (but FDB) and kvmnet_bridge_* of one namespace. `identity.lookup(netns)` names the guests."""
 
@@ -219,7 +173,7 @@ class BridgeCollector:
         self.netns = netns
         self.identity = identity
         self.keep = _filter(include, exclude)
-        self.source = source if source is not None else source_for(netns)
+        self.source = source if source is not None else NetlinkSource(netns)  # normally the service's
         self._rows = _Rows()
 
     def collect(self) -> Iterable[MetricFamily]:
@@ -237,25 +191,7 @@ class BridgeCollector:
         return bridge_families(snap, guests, self.keep, self._rows) + [resyncs]
 
     def close(self) -> None:
-        """Drop the namespace's sockets (shared with the fdb collector and the prober: they reopen on next use).
+        """Drop the namespace's sockets (the service's source, shared with the fdb collector and the prober's
+        discovery: it reopens on next use).
         Call it when the namespace is gone, so dead namespaces are not kept alive by our sockets."""
-        self.source.close()
-
-
-class FdbCollector:
-    """kvmnet_port_fdb_entries and kvmnet_bridge_fdb_entries of one namespace."""
-
-    name = "fdb"
-
-    def __init__(self, netns: str, include: re.Pattern | None = None, exclude: re.Pattern | None = None,
-                 source: NetlinkSource | None = None) -> None:
-        self.netns = netns
-        self.keep = _filter(include, exclude)
-        self.source = source if source is not None else source_for(netns)
-        self._cache: dict = {}
-
-    def collect(self) -> Iterable[MetricFamily]:
-        return fdb_families(self.source.snapshot(stats=False), self.keep, self._cache)
-
-    def close(self) -> None:
         self.source.close()
