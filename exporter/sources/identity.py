@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import ipaddress
 import json
 import logging
 import os
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from .. import logs
 from kvmnet.common import netns as nsmod
@@ -41,7 +43,7 @@ log = logging.getLogger("kvmnet.identity")
 class GuestIdentity(NamedTuple):
     name: str
     mac: str
-    source: str  # "qemu" | "libvirt" | "lab"
+    source: str  # "qemu" | "libvirt" | "lab" | "firewall" (a Proxmox firewall port or bridge of that guest)
 
 
 # -- pure parsing ----------------------------------------------------------------------------------------------
@@ -354,9 +356,11 @@ class _Libvirt(NamedTuple):
     config: str      # .../etc/libvirt/qemu: <name>.xml of every defined domain; "" if unknown
     log: str         # .../var/log/libvirt/qemu: <name>.log, "shutting down, reason=..." lines; "" if unknown
     ns_ino: int
+    dnsmasq: str = ""  # .../var/lib/libvirt/dnsmasq: <bridge>.status, the NAT networks' DHCP leases (JSON)
 
 
 DAEMONS = ("libvirtd", "virtqemud")
+_PVE_TAP = re.compile(r"tap(\d+)i(\d+)")  # Proxmox VE: tap<vmid>i<netN>
 
 
 class GuestDirectory:
@@ -472,6 +476,15 @@ class GuestDirectory:
         for dev, ident in out.items():
             if not ident.name:
                 out[dev] = ident._replace(name=fallback.get((ino, dev), dev))
+        # Proxmox's guest firewall: tapNiM sits on its own bridge fwbrNiM, joined to vmbrX by the veth pair
+        # fwprNpM (on vmbrX) <-> fwlnNiM (on fwbrNiM). Those three belong to the guest of tapNiM. Source
+        # "firewall": discovery must not take the MACs learned on them for the guest's (they are everyone's).
+        for dev, ident in list(out.items()):
+            m = _PVE_TAP.fullmatch(dev)
+            if m:
+                vmid, n = m.groups()
+                for fw in (f"fwbr{vmid}i{n}", f"fwln{vmid}i{n}", f"fwpr{vmid}p{n}"):
+                    out.setdefault(fw, GuestIdentity(ident.name, "", "firewall"))
         return out
 
     # -- /proc -------------------------------------------------------------------------------------------------
@@ -549,12 +562,12 @@ class GuestDirectory:
         out: list[_Libvirt] = []
         seen: set[tuple[int, int]] = set()
         own = _ns_ino(f"{self.proc}/self/ns/net") or 0
-        cands = [(self.libvirt_dir, "", "", own)]
+        cands = [(self.libvirt_dir, "", "", own, "")]
         for pid in daemons:
             root = f"{self.proc}/{pid}/root"
             cands.append((f"{root}/run/libvirt/qemu", f"{root}/etc/libvirt/qemu", f"{root}/var/log/libvirt/qemu",
-                          _ns_ino(f"{self.proc}/{pid}/ns/net") or own))
-        for run, config, logdir, ino in cands:
+                          _ns_ino(f"{self.proc}/{pid}/ns/net") or own, f"{root}/var/lib/libvirt/dnsmasq"))
+        for run, config, logdir, ino, dnsmasq in cands:
             try:
                 st = os.stat(run)
             except OSError:
@@ -564,10 +577,10 @@ class GuestDirectory:
                 # Seen through libvirt_dir already: now its daemon is known, take its config and namespace.
                 for i, lv in enumerate(out):
                     if lv.config == "" and config and _same(lv.run, run):
-                        out[i] = _Libvirt(lv.run, config, logdir, ino)
+                        out[i] = _Libvirt(lv.run, config, logdir, ino, dnsmasq)
                 continue
             seen.add(key)
-            out.append(_Libvirt(run, config, logdir, ino))
+            out.append(_Libvirt(run, config, logdir, ino, dnsmasq))
         return out
 
     def _domain(self, path: str) -> Domain | None:
@@ -601,6 +614,29 @@ class GuestDirectory:
                     ino = _ns_ino(f"{self.proc}/{dom.pid}/ns/net") if dom.pid else None
                     ino = ino if ino is not None else lv.ns_ino
                     out.extend((ino, dev, GuestIdentity(dom.name, mac, "libvirt")) for dev, mac in dom.interfaces)
+        return out
+
+    def leases(self, netns_name: str) -> dict[tuple[str, str], Any]:
+        """{(bridge, mac): address} from the DHCP leases of libvirt's NAT networks in this namespace (dnsmasq's
+        status file per bridge, kept by libvirt's leaseshelper), unexpired ones only."""
+        try:
+            ino = nsmod.inode(netns_name)
+        except nsmod.NetnsGone:
+            return {}
+        self._current()
+        with self._lock:
+            libvirts = self._libvirts
+        out: dict[tuple[str, str], Any] = {}
+        now = time.time()
+        for lv in libvirts:
+            if lv.ns_ino != ino or not lv.dnsmasq:
+                continue
+            try:
+                files = [f for f in os.listdir(lv.dnsmasq) if f.endswith(".status")]
+            except OSError:
+                continue
+            for f in files:
+                out.update(parse_leases(f[:-7], _read(os.path.join(lv.dnsmasq, f)) or "", now))
         return out
 
     # -- run states --------------------------------------------------------------------------------------------
@@ -658,6 +694,28 @@ class GuestDirectory:
                 state = "crashed" if shutoff_reason(tail) in ("crashed", "failed") else "shutoff"
                 out.append((lv.ns_ino, name, state, []))
         return out
+
+
+def parse_leases(bridge: str, text: str, now: float) -> dict[tuple[str, str], Any]:
+    """One dnsmasq status file (`[{"ip-address": ..., "mac-address": ..., "expiry-time": ...}]`) ->
+    {(bridge, mac): address} of the leases not expired at `now`; anything malformed is skipped."""
+    try:
+        items = json.loads(text or "[]")
+    except ValueError:
+        return {}
+    out: dict[tuple[str, str], Any] = {}
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        try:
+            addr = ipaddress.ip_address(str(item.get("ip-address", "")))
+            mac = str(item.get("mac-address", "")).lower()
+            expiry = float(item.get("expiry-time", 0) or 0)
+        except ValueError:
+            continue
+        if mac and (expiry == 0 or expiry > now):
+            out[(bridge, mac)] = addr
+    return out
 
 
 def _same(a: str, b: str) -> bool:

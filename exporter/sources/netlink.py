@@ -67,6 +67,7 @@ from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-expor
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "Port", "Counters", "FdbCounts", "Link", "Neighbour",
            "NetnsGone", "STP_STATES"]
 
+IFLA_LINK_NETNSID = 37  # <linux/if_link.h>
 # <linux/if_tun.h>
 IFF_TUN, IFF_TAP = 0x1, 0x2
 # <linux/socket.h>
@@ -165,6 +166,9 @@ class BridgeSnapshot:
     # Guest NICs that are no bridge's port: macvtap devices (libvirt <interface type='direct'>), sorted by name.
     # A macvtap is its own guest's "port" on the lower device's segment; it has no bridge, STP state or FDB.
     macvtaps: list[Port] = field(default_factory=list)
+    # device -> the device its IFLA_LINK names in this namespace: a veth's peer, a macvlan's or macvtap's lower.
+    # Discovery follows these (Proxmox's fwln/fwpr veth pair between two bridges; a macvtap's macvlan siblings).
+    links: dict[str, str] = field(default_factory=dict)
 
 
 class FdbEntry(NamedTuple):
@@ -206,7 +210,8 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
     link = Link(index=index, name=_cstr(data, name), kind="physical", flags=flags, mac=_mac(data, at.get(IFLA_ADDRESS)))
     if (a := at.get(IFLA_MASTER)) is not None:
         link.master = _U32.unpack_from(data, a[0])[0]
-    if (a := at.get(IFLA_LINK)) is not None:
+    if (a := at.get(IFLA_LINK)) is not None and IFLA_LINK_NETNSID not in at:
+        # Only a link in this namespace: with IFLA_LINK_NETNSID the index is another namespace's.
         link.link = _U32.unpack_from(data, a[0])[0]
     if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
         link.carrier_changes = _U32.unpack_from(data, a[0])[0]
@@ -351,11 +356,14 @@ def neighbours_from_dump(chunks: list[bytes], links: dict[int, Link]) -> list[Ne
 
 
 def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None
-                 ) -> None:
+                 ) -> bool:
     """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
-    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked."""
+    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked. True if it held a link
+    notification (a device added, removed or changed)."""
+    link_seen = False
     for typ, _f, _s, off, end in iter_messages(chunk):
         if typ == RTM_NEWLINK or typ == RTM_DELLINK:
+            link_seen = True
             if chunk[off + 16] == AF_BRIDGE:
                 # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify); the AF_UNSPEC ones
                 # carry everything else.
@@ -381,6 +389,7 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
                 fdb[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
             else:
                 fdb.pop((e.master, e.mac, e.vlan), None)
+    return link_seen
 
 
 def fdb_counts(fdb: dict[tuple[int, str, int], tuple[int, int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -429,7 +438,8 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
     out = sorted(bridges.values(), key=lambda b: b.name)
     for b in out:
         b.ports.sort(key=lambda p: p.name)
-    return BridgeSnapshot(netns, out, sorted(macvtaps, key=lambda p: p.name))
+    pairs = {l.name: links[l.link].name for l in links.values() if l.link and l.link in links and l.link != l.index}
+    return BridgeSnapshot(netns, out, sorted(macvtaps, key=lambda p: p.name), pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,6 +476,7 @@ class NetlinkSource:
         self._counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None  # fdb_counts(_fdb), cached
         self._synced_at = 0.0
         self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
+        self.link_generation = 0  # bumped by every batch of link events and every resync: see links_changed()
 
     # -- public ---------------------------------------------------------------------------------------------
     def snapshot(self, stats: bool = True, fdb: bool = True) -> BridgeSnapshot:
@@ -490,6 +501,13 @@ class NetlinkSource:
                 if typ == LEARNED and link is not None and link.kind != "bridge":
                     out.setdefault(link.name, set()).add(mac)
             return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def links_changed(self, since: int) -> int:
+        """Read queued events; the current link generation (compare with the last one seen: if it differs, a device
+        appeared, vanished or changed since). Cheap: no dump unless events overflowed."""
+        with self._lock:
+            self._refresh(False)
+            return self.link_generation
 
     def neighbours(self) -> list[Neighbour]:
         """IPv4 and IPv6 neighbours that have a MAC, sorted; not FAILED/INCOMPLETE ones, and not the NOARP
@@ -560,6 +578,7 @@ class NetlinkSource:
         self._counts = None
         self._synced_at = time.monotonic()
         self.resyncs += 1
+        self.link_generation += 1
 
     def _drain_events(self, apply: bool = True) -> bool:
         """Apply queued events. False if the kernel dropped some (ENOBUFS): the rest is read and dropped too, and
@@ -579,7 +598,8 @@ class NetlinkSource:
                 continue
             if not apply:
                 continue
-            apply_events(chunk, links, fdb)
+            if apply_events(chunk, links, fdb):
+                self.link_generation += 1
             self._counts = None
 
     def _dump_stats(self) -> dict[int, Counters]:
