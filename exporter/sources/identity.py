@@ -268,10 +268,30 @@ def shutoff_reason(log_tail: str) -> str:
 
 
 def qmp_socket(argv: list[str]) -> str:
-    """The path of a QEMU's `-qmp unix:PATH,server=on,...` monitor (kvmnet-setup's guests have one), or ""."""
+    """The path of a QEMU's QMP server socket, or "": `-qmp unix:PATH,server=on,...` (kvmnet-setup's guests) or
+    `-chardev socket,id=qmp,path=PATH,server=on -mon chardev=qmp,mode=control` (Proxmox's /var/run/qemu-server/
+    VMID.qmp). Never libvirt's monitor (`-name guest=...`, or a path under libvirt's directories): libvirt holds
+    that connection and a second client would only queue behind it."""
+    chardevs: dict[str, str] = {}
+    mons: list[str] = []
     for i, opt in enumerate(argv[:-1]):
-        if opt in ("-qmp", "--qmp") and argv[i + 1].startswith("unix:"):
-            path = parse_opts(argv[i + 1][5:], "path").get("path", "")
+        val = argv[i + 1]
+        if opt in ("-name", "--name") and val.startswith("guest="):
+            return ""
+        if opt in ("-qmp", "--qmp") and val.startswith("unix:"):
+            return parse_opts(val[5:], "path").get("path", "")
+        if opt in ("-chardev", "--chardev"):
+            o = parse_opts(val, "backend")
+            if o.get("backend") == "socket" and o.get("path") and o.get("server", "off") in ("on", "yes", "") \
+                    and "server" in o:
+                chardevs[o.get("id", "")] = o["path"]
+        elif opt in ("-mon", "--mon"):
+            o = parse_opts(val, "chardev")
+            if o.get("mode") == "control":
+                mons.append(o.get("chardev", ""))
+    for cid in mons:
+        path = chardevs.get(cid, "")
+        if path and "libvirt" not in path:
             return path
     return ""
 

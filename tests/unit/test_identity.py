@@ -163,6 +163,12 @@ def test_states_and_reasons():
     assert qmp_socket(["qemu-system-x86_64", "-qmp", "unix:/run/kvmnet/l/guests/vm1.qmp,server=on,wait=off"]) == \
         "/run/kvmnet/l/guests/vm1.qmp"
     assert qmp_socket(["qemu-system-x86_64", "-qmp", "tcp:127.0.0.1:4444"]) == ""
+    pve = ["/usr/bin/kvm", "-id", "100", "-name", "web01,debug-threads=on", "-chardev",
+           "socket,id=qmp,path=/var/run/qemu-server/100.qmp,server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+    assert qmp_socket(pve) == "/var/run/qemu-server/100.qmp"
+    lv = ["qemu-system-x86_64", "-name", "guest=web,debug-threads=on", "-chardev",
+          "socket,id=charmonitor,fd=30,server=on,wait=off", "-mon", "chardev=charmonitor,id=monitor,mode=control"]
+    assert qmp_socket(lv) == ""
     assert parse_domain_xml("<not-xml") is None
     assert parse_domain_xml("<other/>") is None
 
