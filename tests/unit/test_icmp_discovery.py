@@ -155,3 +155,16 @@ def test_macvtap_guest_found_through_a_macvlan_sibling_and_nat_guest_from_its_le
                    leases=lambda ns: {("virbr1", "52:54:00:78:00:12"): ipaddress.ip_address("10.78.0.152")})
     got = sorted((t.name, str(t.address), t.bridge, t.device) for t in guests.discover_netns("ns", directory, src))
     assert got == [("dir1", "10.79.0.13", "", "macvtap0"), ("nat1", "10.78.0.152", "virbr1", "vnet1")]
+
+
+def test_prober_keeps_counters_of_a_renamed_guest():
+    """Renamed on the same device and address: one continuous state, the old name's series gone at once."""
+    from kvmnet.exporter.prober.engine import Prober
+    p = Prober()
+    p.set_targets([T("vnet8", "vnet8")], source="discovery")
+    st = p.states[("ns", "vnet8")]
+    st.requests, st.replies = 7, 6
+    p.set_targets([T("web01", "vnet8")], source="discovery")
+    assert list(p.states) == [("ns", "web01")]
+    assert p.states[("ns", "web01")] is st and (st.requests, st.replies) == (7, 6)
+    assert st.target.name == "web01"
