@@ -232,3 +232,22 @@ def test_reboot(env):
     h.wait_ping(ADDR[guest])
     env.wait("up after reboot", lambda t: env.up(t, guest) == 1 and env.state(t, guest) == "running", timeout=60)
     TIMES[f"{guest}: reboot -> guest_up 1"] = time.monotonic() - t0
+
+
+def test_qemu_killed_is_crashed_not_shutoff(env):
+    """A QEMU that dies under libvirt (SIGKILL) is not a stop on purpose: state crashed, so its loss pages."""
+    import os
+    import signal
+    from tests.e2e.libvirt_host import qemu_pid
+    h = env.h
+    guest = "kvnat"
+    env.wait("kvnat up", lambda t: env.up(t, guest) == 1, timeout=30)
+    pid = qemu_pid(h, guest)
+    assert pid
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    env.wait("crashed", lambda t: env.state(t, guest) == "crashed", timeout=5)
+    TIMES[f"{guest}: QEMU SIGKILL -> state crashed"] = time.monotonic() - t0
+    env.wait("down", lambda t: env.up(t, guest) == 0, timeout=10)
+    TIMES[f"{guest}: QEMU SIGKILL -> guest_up 0"] = time.monotonic() - t0
+    assert "shut off" in h.virsh("domstate", guest) and "crashed" in h.virsh("domstate", "--reason", guest)
