@@ -385,8 +385,8 @@ _PVE_TAP = re.compile(r"tap(\d+)i(\d+)")  # Proxmox VE: tap<vmid>i<netN>
 
 class GuestDirectory:
     """tap -> guest, per namespace, from /proc, libvirt and the lab file; guest run states. Thread-safe; scans
-    /proc at most every `ttl` (and at once after `poke()`, which the netlink source calls when a device appears);
-    states at most every `state_ttl`."""
+    /proc at most every `ttl` (and at once after `invalidate()`, which the prober's discovery calls when netlink
+    says a device appeared, vanished or changed); states at most every `state_ttl`."""
 
     def __init__(self, lab=None, proc: str = "/proc", libvirt_dir: str = "/run/libvirt/qemu",
                  ttl: float = 5.0, background: bool = True, state_ttl: float = 1.0) -> None:
@@ -409,7 +409,6 @@ class GuestDirectory:
         self._states_at: float | None = None
         self._states: list[tuple[int, str, str, list[str]]] = []  # (netns inode, name, state, devices)
         self._xml_cache: dict[str, tuple[int, Domain | None]] = {}  # path -> (mtime_ns, parsed)
-        self.scans = 0
 
     def set_lab(self, lab) -> None:
         with self._lock:
@@ -419,20 +418,6 @@ class GuestDirectory:
         """Forget the cached scan: the next lookup scans again, synchronously."""
         with self._lock:
             self._at = None
-        with self._state_lock:
-            self._states_at = None
-
-    def poke(self) -> None:
-        """Something changed (a tap or macvtap appeared): rescan now, in the background; lookups meanwhile serve
-        the previous scan, and the next one after it (within about a second) the new names."""
-        with self._lock:
-            if self._at is None or self._refreshing:
-                return
-            if not self.background:
-                self._at = None
-                return
-            self._refreshing = True
-        threading.Thread(target=self._refresh, name="kvmnet-identity", daemon=True).start()
         with self._state_lock:
             self._states_at = None
 
@@ -449,7 +434,6 @@ class GuestDirectory:
         with self._lock:
             self._refreshing = False
             self._at = time.monotonic()
-            self.scans += 1
             if live is not None:
                 self._live, self._libvirts, self._qmp, self._fallback = live, libvirts, qmp, fallback
 
