@@ -402,7 +402,7 @@ class GuestDirectory:
         self._at: float | None = None
         self._refreshing = False
         self._live: list[tuple[int, str, GuestIdentity]] = []  # (netns inode, device, identity)
-        self._fallback: dict[tuple[int, str], str] = {}        # (netns inode, device) -> name of a nameless QEMU
+        self._fallback: dict[tuple[int, str], tuple[str, str]] = {}  # (netns inode, device) -> (QEMU pid, 1st tap)
         self._libvirts: list[_Libvirt] = []
         self._qmp: list[tuple[int, str, list[str], str]] = []  # (netns inode, socket, its taps, -name)
         self._state_lock = threading.Lock()
@@ -474,12 +474,18 @@ class GuestDirectory:
                 if old is not None:
                     ident = GuestIdentity(ident.name or old.name, ident.mac or old.mac, ident.source)
                 out[dev] = ident
-        # Never empty: a QEMU started without -name (as in the seed) and unnamed elsewhere is called after its
-        # first tap, which no other guest in this namespace can have.
+        # Never empty, never shared: a QEMU started without -name (as in the seed) and unnamed elsewhere, or two
+        # QEMUs claiming one name in one namespace, are called after their first tap, which no other guest in
+        # this namespace can have.
         fallback = self._fallback
+        owners: dict[str, set[str]] = {}
         for dev, ident in out.items():
-            if not ident.name:
-                out[dev] = ident._replace(name=fallback.get((ino, dev), dev))
+            if (ino, dev) in fallback:
+                owners.setdefault(ident.name, set()).add(fallback[(ino, dev)][0])
+        for dev, ident in out.items():
+            f = fallback.get((ino, dev))
+            if not ident.name or (f is not None and len(owners.get(ident.name, ())) > 1):
+                out[dev] = ident._replace(name=f[1] if f is not None else dev)
         # Proxmox's guest firewall: tapNiM sits on its own bridge fwbrNiM, joined to vmbrX by the veth pair
         # fwprNpM (on vmbrX) <-> fwlnNiM (on fwbrNiM). Those three belong to the guest of tapNiM. Source
         # "firewall": discovery must not take the MACs learned on them for the guest's (they are everyone's).
@@ -532,9 +538,8 @@ class GuestDirectory:
                 tap_ino = tap_netns_inode(int(pid), fds[dev]) if dev in fds and self.proc == "/proc" else None
                 out.append((tap_ino or ino, dev, ident))
                 devs.append((tap_ino or ino, dev))
-            if not args.name and devs:
-                for key in devs:
-                    fallback[key] = devs[0][1]
+            for key in devs:
+                fallback[key] = (pid, devs[0][1])
             sock = qmp_socket(argv)
             if sock:
                 # The path is QEMU's: reach it through its root (it may run in another mount namespace).

@@ -207,3 +207,17 @@ def test_directory_merges_sources_in_own_namespace(tmp_path):
         "vnet4": GuestIdentity("web01", "52:54:00:aa:bb:02", "libvirt"),
     }
     assert d.lookup("ke-no-such-namespace") == {}
+
+
+def test_never_empty_never_shared(tmp_path):
+    """The seed's QEMU without -name is called after its tap; two QEMUs with one -name are told apart by theirs."""
+    nameless = [a for a in SEED if a not in ("-name", "vm1")]
+    _fake_proc(tmp_path, 200, nameless)
+    _fake_proc(tmp_path, 201, ["qemu-system-x86_64", "-name", "twin", "-netdev", "tap,id=n0,ifname=tw1",
+                               "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01"])
+    _fake_proc(tmp_path, 202, ["qemu-system-x86_64", "-name", "twin", "-netdev", "tap,id=n0,ifname=tw2",
+                               "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02"])
+    (tmp_path / "proc" / "self").symlink_to("200")
+    d = GuestDirectory(proc=str(tmp_path / "proc"), libvirt_dir=str(tmp_path / "none"))
+    got = {dev: i.name for dev, i in d.lookup("").items()}
+    assert got == {"vm1eth0": "vm1eth0", "tw1": "tw1", "tw2": "tw2"}
