@@ -141,6 +141,11 @@ STP_STATES = ["disabled", "listening", "learning", "forwarding", "blocking"]
 STP_COLOURS = ["text", "yellow", "blue", "green", "red"]
 STP = [{"type": "value", "options": {str(i): {"text": s, "color": c, "index": i}
                                      for i, (s, c) in enumerate(zip(STP_STATES, STP_COLOURS))}}]
+# kvmnet_guest_state's states (exporter/sources/identity.py GUEST_STATES), in that order.
+RUN_STATES = ["running", "paused", "shutdown", "shutoff", "crashed", "pmsuspended", "blocked", "unknown"]
+RUN_COLOURS = ["green", "yellow", "blue", "text", "red", "yellow", "orange", "text"]
+RUN = [{"type": "value", "options": {str(i): {"text": s, "color": c, "index": i}
+                                     for i, (s, c) in enumerate(zip(RUN_STATES, RUN_COLOURS))}}]
 
 
 def stat(title: str, targets: list[dict], unit: str, description: str = "", mappings=None, thresholds=None,
@@ -516,6 +521,13 @@ def guest() -> dict:
         "Echo requests sent, replies received in time, requests the kernel refused."), 12, 8)
     L.add(state_timeline("Up/down history", [target(f"kvmnet_guest_up{{{GUEST1}}}", "{{guest}}")], "none", UPDOWN,
                          "1 while the guest answers; 0 after down_after consecutive losses."), 24, 4)
+    run_expr = " or ".join(f'(kvmnet_guest_state{{{GUEST1},state="{s}"}} == 1) * {i}'
+                           for i, s in enumerate(RUN_STATES))
+    L.add(state_timeline("Run state", [target(f"max by (instance, netns, guest) ({run_expr})", "{{guest}}")],
+                         "none", RUN,
+                         "libvirt's or QMP's run state: a paused or shut-off guest answers no ping on purpose "
+                         "(its alerts are held back). Empty when nothing tells the state (no libvirt, no QMP)."),
+          24, 4)
     L.row("Its tap or macvtap, in the guest's view (guest receive = tap transmit = macvtap receive)")
     L.add(timeseries("Guest traffic (guest's view)", refs(
         target(f"8 * {gview('receive', 'bytes')}", "guest receive ({{device}})"),

@@ -37,7 +37,8 @@ EXPORTED = {
     "kvmnet_bridge_info", "kvmnet_guest_up", "kvmnet_guest_ping_rtt_seconds_bucket",
     "kvmnet_guest_ping_rtt_seconds_sum", "kvmnet_guest_ping_rtt_seconds_count", "kvmnet_guest_ping_requests_total",
     "kvmnet_guest_ping_replies_total", "kvmnet_guest_ping_send_errors_total",
-    "kvmnet_guest_last_reply_timestamp_seconds", "kvmnet_guest_info", "kvmnet_scrape_collector_duration_seconds",
+    "kvmnet_guest_last_reply_timestamp_seconds", "kvmnet_guest_info", "kvmnet_guest_state",
+    "kvmnet_scrape_collector_duration_seconds",
     "kvmnet_scrape_collector_success", "kvmnet_build_info", "kvmnet_config_last_reload_successful",
 }
 # Grafana's values for the test's substitution: any valid PromQL duration or regex will do for parsing.
