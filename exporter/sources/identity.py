@@ -13,11 +13,17 @@ QEMU (`/proc/PID/cmdline` of every `qemu-system-*`, `qemu-kvm`):
   opener's namespace, and QEMU runs where it was started, `ip netns exec seed-host qemu-system-x86_64 ...`); for a
   tap passed in by descriptor, the descriptor's (TUNGETDEVNETNS on a pidfd_getfd copy; needs CAP_SYS_PTRACE and
   CAP_NET_ADMIN, else QEMU's own again).
-libvirt: `/run/libvirt/qemu/*.xml` (`<domstatus pid=..><domain><name>`, `<interface><mac address=><target dev=>`).
+libvirt: each running libvirtd's (virtqemud's) files through /proc/PID/root (it may have a mount namespace of its
+own), and `/run/libvirt/qemu` directly: `run/libvirt/qemu/*.xml` (`<domstatus state= reason= pid=..><domain><name>`,
+`<interface><mac address=><target dev=>`: taps and macvtaps), `etc/libvirt/qemu/*.xml` (defined domains),
+`var/log/libvirt/qemu/NAME.log` (why it last stopped), `var/lib/libvirt/dnsmasq/BRIDGE.status` (DHCP leases).
 Lab file: its guests' `device`, `name` and `mac`, in its `host_netns`.
+Proxmox: tapVMIDiN's guest also owns fwbrVMIDiN, fwlnVMIDiN and fwprVMIDpN (source "firewall").
 
-Where sources disagree, live QEMU wins over libvirt over the lab file; a missing MAC is filled from the others.
-The /proc scan is cached for `ttl` seconds, shared by all namespaces, and refreshed in the background.
+Where sources disagree, live QEMU wins over libvirt over the lab file; a missing MAC is filled from the others. A
+name is never empty and never shared: a nameless QEMU, or two QEMUs with one name in a namespace, are named after
+their first tap. The /proc scan is cached for `ttl` seconds, shared by all namespaces, refreshed in the background,
+and at once after invalidate(). Run states (`states()`): libvirt's files and QMP query-status, every `state_ttl`.
 """
 from __future__ import annotations
 

@@ -103,7 +103,6 @@ def test_web01_qemu_killed_down_within_5s_while_fw_veths_keep_carrier(pve):
         assert "LOWER_UP" in links[dev]["flags"]
         assert value(text, "kvmnet_port_up", netns=h.ns, device=dev) == 1
     assert value(text, "kvmnet_guest_up", netns=h.ns, guest="db01") == 1  # only web01 went down
-    gi = [s.labels for s in samples(text) if s.name == "kvmnet_guest_info" and s.labels["guest"] == "web01"]
     text, _ = wait(e, "guest_info follows its device", lambda t: any(
         s.name == "kvmnet_guest_info" and s.labels["guest"] == "web01" and s.labels["device"] == ""
         for s in samples(t)), timeout=10)
