@@ -518,7 +518,9 @@ class GuestDirectory:
             head = raw[:256]
             if b"qemu" not in head and b"kvm" not in head and b"virt" not in head:
                 continue
-            argv = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+            # surrogateescape, not "replace": two -name values that differ only in undecodable bytes stay two
+            # guests (the exposition maps those bytes to \xNN, README "Odd names")
+            argv = [a.decode("utf-8", "surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")]
             if is_qemu(argv):
                 qemus.append((pid, argv))
             elif os.path.basename(argv[0]) in DAEMONS:
