@@ -182,7 +182,7 @@ def test_suspend_resume(env, guest):
     # witness decides; the alert rules suppress both while the state says paused.
     carrier = 1 if "LOWER_UP" in links(h.ns)[dev]["flags"] else 0
     assert value(text, "kvmnet_port_up", netns=h.ns, device=dev) == carrier
-    TIMES[f"{guest}: paused: carrier (kvmnet_port_up)"] = carrier
+    print(f"{guest}: paused: carrier {carrier}")
     h.virsh("resume", guest)
     TIMES[f"{guest}: resume -> state running"] = env.wait(
         "running", lambda t: env.state(t, guest) == "running", timeout=5)
