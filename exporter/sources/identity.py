@@ -386,6 +386,7 @@ class _Libvirt(NamedTuple):
 
 
 DAEMONS = ("libvirtd", "virtqemud")
+CACHE_MAX = 4096  # parsed libvirt files kept (by path and mtime)
 _PVE_TAP = re.compile(r"tap(\d+)i(\d+)")  # Proxmox VE: tap<vmid>i<netN>
 
 
@@ -415,6 +416,7 @@ class GuestDirectory:
         self._states_at: float | None = None
         self._states: list[tuple[int, str, str, list[str]]] = []  # (netns inode, name, state, devices)
         self._xml_cache: dict[str, tuple[int, Domain | None]] = {}  # path -> (mtime_ns, parsed)
+        self._reasons: dict[str, tuple[int, str]] = {}  # domain log path -> (mtime_ns, last stop reason)
 
     def set_lab(self, lab) -> None:
         with self._lock:
@@ -610,6 +612,8 @@ class GuestDirectory:
         hit = self._xml_cache.get(path)
         if hit is not None and hit[0] == mtime:
             return hit[1]
+        if len(self._xml_cache) > CACHE_MAX:  # domains come and go (transient ones under new names): stay bounded
+            self._xml_cache.clear()
         dom = parse_domain_xml(_read(path) or "")
         self._xml_cache[path] = (mtime, dom)
         return dom
@@ -680,6 +684,22 @@ class GuestDirectory:
         out.pop("", None)
         return out
 
+    def _stop_reason(self, lv: _Libvirt, name: str) -> str:
+        """The domain log's last stop reason, read again only when the log changed (many shut-off domains)."""
+        if not lv.log:
+            return ""
+        path = os.path.join(lv.log, f"{name}.log")
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return ""
+        hit = self._reasons.get(path)
+        if hit is None or hit[0] != mtime:
+            if len(self._reasons) > CACHE_MAX:
+                self._reasons.clear()
+            hit = self._reasons[path] = (mtime, shutoff_reason(_tail(path)))
+        return hit[1]
+
     def _scan_states(self) -> list[tuple[int, str, str, list[str]]]:
         with self._lock:
             libvirts, qmp = self._libvirts, self._qmp
@@ -707,8 +727,7 @@ class GuestDirectory:
             for name in defined:
                 if name in running:
                     continue
-                tail = _tail(os.path.join(lv.log, f"{name}.log")) if lv.log else ""
-                state = "crashed" if shutoff_reason(tail) in ("crashed", "failed") else "shutoff"
+                state = "crashed" if self._stop_reason(lv, name) in ("crashed", "failed") else "shutoff"
                 out.append((lv.ns_ino, name, state, []))
         return out
 
