@@ -24,14 +24,14 @@ import ipaddress
 import pwd
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from . import yamlfile
 
-IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class LabError(ValueError):
@@ -310,7 +310,8 @@ def _check(lab: Lab) -> None:
                 try:
                     db(v)
                 except KeyError:
-                    raise _fail(f"taps[{i}].{field}", f"no such {'user' if field == 'owner' else 'group'}: {v!r}")
+                    raise _fail(f"taps[{i}].{field}",
+                                f"no such {'user' if field == 'owner' else 'group'}: {v!r}") from None
         taps[t.name] = t
         if t.bridge and t.bridge not in bridges:
             raise _fail(f"taps[{i}].bridge", f"no such bridge: {t.bridge!r}")

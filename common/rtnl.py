@@ -16,7 +16,7 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 from kvmnet.common.netns import entered
 
@@ -187,7 +187,7 @@ class Rtnl:
             bridge = None
             if kind == "bridge":
                 d = self._attrs(info.get(IFLA_INFO_DATA, b""), 0)
-                u32 = lambda k: struct.unpack("I", d[k])[0] if k in d else None  # noqa: E731
+                u32 = lambda k: struct.unpack("I", d[k])[0] if k in d else None  # noqa: B023 (used at once, in this turn)
                 bridge = {"forward_delay": u32(1), "hello_time": u32(2), "max_age": u32(3), "stp_state": u32(5),
                           "priority": struct.unpack("H", d[6])[0] if 6 in d else None}  # IFLA_BR_* of if_link.h
             out.append({"index": index, "flags": flags, "kind": kind, "bridge": bridge,

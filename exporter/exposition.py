@@ -12,8 +12,8 @@ every scrape builds fresh families from a fresh snapshot, so a vanished tap vani
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -51,7 +51,7 @@ class _Refuse(asyncio.Protocol):
 class _Conn(asyncio.Protocol):
     """Wraps aiohttp's per-connection RequestHandler: passes everything through, keeps a deadline."""
 
-    def __init__(self, tracker: "_Tracker", inner: asyncio.Protocol) -> None:
+    def __init__(self, tracker: _Tracker, inner: asyncio.Protocol) -> None:
         self.tracker, self.inner = tracker, inner
         self.transport = None
         self.busy = 0

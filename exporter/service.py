@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kvmnet.common import lab as spec
-
 from kvmnet.common import netns as nsmod
 
 from . import logs
@@ -136,11 +136,11 @@ Factory = Callable[[str, "Service"], Any]
 
 def default_factories() -> dict[str, Factory]:
     """The per-namespace collectors: links, counters and STP ("bridge"), and FDB sizes ("fdb")."""
-    def bridge(ns: str, svc: "Service"):
+    def bridge(ns: str, svc: Service):
         return bridge_collector.BridgeCollector(ns, identity=svc.identity, include=svc.settings.include,
                                                 exclude=svc.settings.exclude, source=svc.source(ns))
 
-    def fdb(ns: str, svc: "Service"):
+    def fdb(ns: str, svc: Service):
         return fdb_collector.FdbCollector(ns, include=svc.settings.include, exclude=svc.settings.exclude,
                                           source=svc.source(ns))
 

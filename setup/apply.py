@@ -16,19 +16,19 @@ import signal
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvmnet.common import netns as nsmod
+from kvmnet.common.lab import Lab
 from kvmnet.common.netns import NETNS_RUN_DIR, entered, setns
+from kvmnet.common.rtnl import Rtnl
 
 from . import plan as planmod
 from .plan import LIGHT_DEV, NAT_TABLE, Action, Link, Observed
-from kvmnet.common.rtnl import Rtnl
-from kvmnet.common.lab import Lab
 from .state import State
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -206,9 +206,9 @@ def observe(lab: Lab, net: Net, run_root: Path | None = None) -> Observed:
                 obs.light_ok.add(g.name)
         elif guest_alive(lab, g.name, run_root):
             obs.qemu_alive.add(g.name)
-    if lab.nat and (host in obs.namespaces or not host):
-        if _run_in(host, ["nft", "list", "table", "inet", NAT_TABLE], check=False).returncode == 0:
-            obs.nat.add(host)
+    if (lab.nat and (host in obs.namespaces or not host)
+            and _run_in(host, ["nft", "list", "table", "inet", NAT_TABLE], check=False).returncode == 0):
+        obs.nat.add(host)
     return obs
 
 
@@ -416,11 +416,11 @@ class Applier:
 
     def do_nat_add(self, a: Action) -> None:
         x = a.args
-        with entered(a.ns):
-            with open("/proc/sys/net/ipv4/ip_forward", "r+") as f:  # per namespace; opened from inside it
-                old = f.read().strip()
-                f.seek(0)
-                f.write("1")
+        # per namespace: opened from inside it
+        with entered(a.ns), open("/proc/sys/net/ipv4/ip_forward", "r+") as f:
+            old = f.read().strip()
+            f.seek(0)
+            f.write("1")
         self.record({"op": "sysctl", "ns": a.ns, "key": "net/ipv4/ip_forward", "old": old})
         # Masquerade what leaves by the uplink from the bridge's subnet; forward only replies back in, so the WAN
         # cannot open connections to guests even with a route to them.

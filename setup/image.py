@@ -25,9 +25,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
@@ -306,7 +306,7 @@ def main() -> None:
         img = ensure_image(progress=lambda s: print(s, file=sys.stderr))
     except ImageError as e:
         print(f"kvmnet image: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     print(img.kernel)
     print(img.initrd)
 

@@ -10,7 +10,8 @@ Every target has all its series from the first scrape: a guest that never answer
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..exposition import MetricFamily, labels
 from ..prober.packets import FAMILY_NAME

@@ -16,8 +16,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kvmnet.common import netns as nsmod
 from kvmnet.common.logfmt import fmt
@@ -255,7 +256,7 @@ class Prober:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -273,7 +274,7 @@ class Prober:
         return sorted((s.netns, FAMILY_NAME[s.family], s.mode) for s in socks)
 
     # -- on demand -----------------------------------------------------------------------------------------------
-    async def probe(self, address: str, netns: str = "", count: int = 3, budget: float = 3.0) -> "ProbeResult":
+    async def probe(self, address: str, netns: str = "", count: int = 3, budget: float = 3.0) -> ProbeResult:
         """Ping `address` `count` times within `budget` seconds on the shared socket (blackbox-style)."""
         addr = ipaddress.ip_address(address)
         family = socket.AF_INET if addr.version == 4 else socket.AF_INET6

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 # <linux/net_tstamp.h>, <asm-generic/socket.h>
 SO_TIMESTAMPNS = 35

@@ -20,12 +20,23 @@ import random
 import socket
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kvmnet.common import netns as nsmod
 
-from .packets import (COOKIE_SIZE, ECHO_REPLY, PAYLOAD_SIZE, PROTO, SO_TIMESTAMPING, SO_TIMESTAMPNS, PacketBuilder,
-                      parse_echo_reply, parse_looped_request, timestamp_ns)
+from .packets import (
+    COOKIE_SIZE,
+    ECHO_REPLY,
+    PAYLOAD_SIZE,
+    PROTO,
+    SO_TIMESTAMPING,
+    SO_TIMESTAMPNS,
+    PacketBuilder,
+    parse_echo_reply,
+    parse_looped_request,
+    timestamp_ns,
+)
 
 SOF_TIMESTAMPING_TX_SOFTWARE = 1 << 1
 SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
@@ -67,7 +78,8 @@ def open_icmp_socket(netns: str, family: int, mode: str = "auto") -> tuple[socke
     gid = os.getgid()
     raise ProbeUnavailable(
         f"ICMP probing not allowed in {where} ({'; '.join(errors)}): grant CAP_NET_RAW, "
-        f"or set net.ipv4.ping_group_range to include gid {gid} there (sysctl -w net.ipv4.ping_group_range='{gid} {gid}')")
+        f"or set net.ipv4.ping_group_range to include gid {gid} there "
+        f"(sysctl -w net.ipv4.ping_group_range='{gid} {gid}')")
 
 
 class IcmpSocket:
@@ -115,7 +127,8 @@ class IcmpSocket:
     def _filter_echo_replies(self) -> None:
         """Let only echo replies reach this raw socket: fewer wakeups when the namespace is busy with ICMP."""
         if self.family == socket.AF_INET:
-            self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", ~(1 << ECHO_REPLY[socket.AF_INET]) & 0xFFFFFFFF))
+            blocked = ~(1 << ECHO_REPLY[socket.AF_INET]) & 0xFFFFFFFF
+            self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", blocked))
         else:
             words = [0xFFFFFFFF] * 8
             t = ECHO_REPLY[socket.AF_INET6]

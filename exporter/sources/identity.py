@@ -29,11 +29,13 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+
+from kvmnet.common import netns as nsmod
 
 from .. import logs
-from kvmnet.common import netns as nsmod
 
 log = logging.getLogger("kvmnet.identity")
 
@@ -145,7 +147,8 @@ def parse_cmdline(argv: list[str]) -> QemuArgs:
             if o.get("type") == "nic":
                 nics.append(o.get("macaddr", ""))
             elif o.get("type") in ("tap", "bridge"):
-                nd = Netdev(id="", type=o["type"], ifname=o.get("ifname", ""), fds=_fds(o.get("fds", "") or o.get("fd", "")))
+                nd = Netdev(id="", type=o["type"], ifname=o.get("ifname", ""),
+                            fds=_fds(o.get("fds", "") or o.get("fd", "")))
                 legacy_taps.append(nd)
                 out.netdevs.append(nd)
         else:
@@ -373,8 +376,10 @@ class GuestDirectory:
                 continue
             base = f"{self.proc}/{pid}"
             fds: dict[str, int] = {}
-            taps = resolve_taps(parse_cmdline(argv), lambda fd: parse_fdinfo(_read(f"{base}/fdinfo/{fd}") or ""),
-                                lambda: self._tun_fds(base), fds)
+            # the lambdas are called inside resolve_taps, in this turn of the loop
+            taps = resolve_taps(parse_cmdline(argv),
+                                lambda fd: parse_fdinfo(_read(f"{base}/fdinfo/{fd}") or ""),  # noqa: B023
+                                lambda: self._tun_fds(base), fds)  # noqa: B023
             for dev, ident in taps.items():
                 # A tap passed in by descriptor may live in another namespace than QEMU (libvirt style, or QEMU
                 # started outside the lab's namespace): ask the descriptor. A tap QEMU opened by name is in

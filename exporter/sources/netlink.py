@@ -56,13 +56,56 @@ from kvmnet.common import netns as _netns
 from kvmnet.common import rtnl
 from kvmnet.common.netns import NetnsGone
 from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-exported for this module's users
-    IFF_LOWER_UP, IFF_UP, IFLA_ADDRESS, IFLA_BR_STP_STATE, IFLA_BRPORT_STATE, IFLA_CARRIER_CHANGES,
-    IFLA_EXT_MASK, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_INFO_SLAVE_DATA, IFLA_INFO_SLAVE_KIND,
-    IFLA_LINKINFO, IFLA_MASTER, IFLA_PROTINFO, IFLA_STATS_LINK_64, IFLA_TUN_TYPE, NDA_DST, NDA_LLADDR, NDA_MASTER,
-    NDA_VLAN, NETLINK_ADD_MEMBERSHIP, NETLINK_ROUTE, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_MULTI,
-    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT, RTEXT_FILTER_SKIP_STATS,
-    RTM_DELLINK, RTM_DELNEIGH, RTM_GETLINK, RTM_GETNEIGH, RTM_GETSTATS, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWSTATS,
-    RTNLGRP_LINK, RTNLGRP_NEIGH, SOL_NETLINK, attr_spans as _attrs, error_code, iter_messages)
+    IFF_LOWER_UP,
+    IFF_UP,
+    IFLA_ADDRESS,
+    IFLA_BR_STP_STATE,
+    IFLA_BRPORT_STATE,
+    IFLA_CARRIER_CHANGES,
+    IFLA_EXT_MASK,
+    IFLA_IFNAME,
+    IFLA_INFO_DATA,
+    IFLA_INFO_KIND,
+    IFLA_INFO_SLAVE_DATA,
+    IFLA_INFO_SLAVE_KIND,
+    IFLA_LINKINFO,
+    IFLA_MASTER,
+    IFLA_PROTINFO,
+    IFLA_STATS_LINK_64,
+    IFLA_TUN_TYPE,
+    NDA_DST,
+    NDA_LLADDR,
+    NDA_MASTER,
+    NDA_VLAN,
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_ROUTE,
+    NLA_TYPE_MASK,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_MULTI,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NUD_FAILED,
+    NUD_INCOMPLETE,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    RTEXT_FILTER_SKIP_STATS,
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_GETLINK,
+    RTM_GETNEIGH,
+    RTM_GETSTATS,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWSTATS,
+    RTNLGRP_LINK,
+    RTNLGRP_NEIGH,
+    SOL_NETLINK,
+    error_code,
+    iter_messages,
+)
+from kvmnet.common.rtnl import attr_spans as _attrs
 
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "Port", "Counters", "FdbCounts", "Link", "Neighbour",
            "NetnsGone", "STP_STATES"]
@@ -348,7 +391,7 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
     """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
     `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked."""
     for typ, _f, _s, off, end in iter_messages(chunk):
-        if typ == RTM_NEWLINK or typ == RTM_DELLINK:
+        if typ in (RTM_NEWLINK, RTM_DELLINK):
             if chunk[off + 16] == AF_BRIDGE:
                 # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify); the AF_UNSPEC ones
                 # carry everything else.
@@ -365,7 +408,7 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
                 links.pop(l.index, None)
             else:
                 links[l.index] = l
-        elif fdb is not None and (typ == RTM_NEWNEIGH or typ == RTM_DELNEIGH):
+        elif fdb is not None and typ in (RTM_NEWNEIGH, RTM_DELNEIGH):
             e = parse_fdb(chunk, off, end)
             if e is None:
                 continue
@@ -438,7 +481,8 @@ RECV_SIZE = 1 << 17     # kernel dump skbs are ~32 kB here; never truncate one
 
 class NetlinkSource:
     """One watched namespace: a request socket and an event socket, opened inside it and kept across scrapes.
-    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it: service.Service.source)."""
+    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it:
+    service.Service.source)."""
 
     def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0) -> None:
         self.netns = netns
@@ -469,7 +513,8 @@ class NetlinkSource:
             return build_snapshot(self.netns, self._links, counters, self._fdb, self._counts)
 
     def learned_macs_by_port(self) -> dict[str, list[str]]:
-        """Dynamic (learned) bridge FDB entries: {port device: sorted MACs}. From the event-maintained table, no dump."""
+        """Dynamic (learned) bridge FDB entries: {port device: sorted MACs}. From the event-maintained table,
+        no dump."""
         with self._lock:
             self._refresh(True)
             out: dict[str, set[str]] = {}
@@ -582,7 +627,7 @@ class NetlinkSource:
             try:
                 self._req.send(_request(typ, seq, body))
                 chunks, intr = self._receive(seq)
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 self._close()  # the socket may hold a half-read dump; reopen on the next call
                 self._ino = 0
                 raise

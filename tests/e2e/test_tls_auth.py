@@ -3,6 +3,7 @@ Python's ssl via aiohttp) and certificates made by openssl in the test."""
 import base64
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -10,8 +11,8 @@ import time
 import aiohttp
 import bcrypt
 import pytest
-import ssl
 from prometheus_client.parser import text_string_to_metric_families
+
 from tests.conftest import free_port
 
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
@@ -157,9 +158,8 @@ def peer_cert(port: int) -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw_sock:
-        with ctx.wrap_socket(raw_sock) as s:
-            return s.getpeercert(binary_form=True)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw_sock, ctx.wrap_socket(raw_sock) as s:
+        return s.getpeercert(binary_form=True)
 
 
 def der(path) -> bytes:

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.wheelvenv import IMAGE_VENV, build, dockerfile, in_venv, instruction, script_steps
 from tests.conftest import free_port
+from tests.e2e.wheelvenv import build, dockerfile, in_venv, instruction, script_steps
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root for setcap and setpriv"),
               pytest.mark.timeout(300)]

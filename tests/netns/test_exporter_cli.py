@@ -13,8 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import witness
-from tests.netns.test_identity_proc import start_fake_qemu, stop
 from tests.conftest import free_port
+from tests.netns.test_identity_proc import start_fake_qemu, stop
 
 pytestmark = pytest.mark.netns
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")

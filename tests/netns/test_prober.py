@@ -14,11 +14,12 @@ import time
 
 import pytest
 
-from kvmnet.exporter.prober import engine, targets as guests
+from kvmnet.exporter.prober import engine
+from kvmnet.exporter.prober import targets as guests
 from kvmnet.exporter.prober.engine import Prober
 from kvmnet.exporter.prober.socket import ProbeUnavailable, open_icmp_socket
 from kvmnet.exporter.prober.targets import Target
-from tests.conftest import delete_netns, unique_name
+from tests.conftest import delete_netns
 
 pytestmark = pytest.mark.netns
 

@@ -24,9 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import witness
-from tests.conftest import delete_netns, unique_name
+from tests.conftest import delete_netns, free_port
 from tests.netns.setup_labs import RUN_DIR, Labs, netns_list
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.netns
 EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
@@ -301,7 +300,7 @@ def test_silent_and_slow_clients_are_cut_off(exporters):
                 s.settimeout(1)
                 if s.recv(1024) == b"":
                     closed[name] = time.monotonic() - start
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except OSError:
                 closed[name] = time.monotonic() - start

@@ -2,8 +2,16 @@
 import os
 from types import SimpleNamespace
 
-from kvmnet.exporter.sources.identity import (GuestDirectory, GuestIdentity, Netdev, parse_cmdline, parse_domain_xml,
-                                             parse_fdinfo, parse_opts, resolve_taps)
+from kvmnet.exporter.sources.identity import (
+    GuestDirectory,
+    GuestIdentity,
+    Netdev,
+    parse_cmdline,
+    parse_domain_xml,
+    parse_fdinfo,
+    parse_opts,
+    resolve_taps,
+)
 
 # The seed's own command line (DESIGN.md): a tap named on the command line, the MAC on the -device.
 SEED = ["qemu-system-x86_64", "-name", "vm1", "-m", "512", "-drive", "file=debian-8.7.1-amd64.img,if=virtio",

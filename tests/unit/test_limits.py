@@ -9,8 +9,6 @@ from kvmnet.exporter.limits import Limits, serve_async
 from tests.conftest import free_port
 
 
-
-
 async def start(limits: Limits):
     release = asyncio.Event()
 

@@ -4,7 +4,6 @@ import gzip
 import threading
 import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmnet.exporter.exposition import MetricFamily, labels
@@ -246,7 +245,7 @@ async def test_prober_lifecycle_and_a_failing_start(aiohttp_client):
         p = Prober(fail)
         settings = Settings(enabled={"identity": False})
         service = Service(settings, load(settings), factories={}, prober=p)
-        client = await aiohttp_client(create_app(service, reload=lambda: load(settings)))
+        client = await aiohttp_client(create_app(service, reload=lambda s=settings: load(s)))
         assert p.events == ["start"]
         assert (await client.post("/-/reload")).status == 200
         assert p.events == ["start", "reconfigure"]
