@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 # pydantic reports these with a message that does not show the value, which is the first thing a reader wants.
 _SHOW_INPUT = {"literal_error", "bool_parsing", "int_parsing", "float_parsing", "greater_than", "greater_than_equal",
@@ -37,7 +38,7 @@ def read_yaml(path: Any, error: type[Exception]) -> Any:
         raise error(f"{where}: invalid YAML: {problem}") from None
 
 
-def field_path(loc: tuple) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
     """pydantic's error location as the path a person would write: `probe.targets[3].address`."""
     out = ""
     for part in loc:
@@ -50,8 +51,8 @@ def field_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _message(err: dict) -> str:
-    kind, msg, inp = err["type"], err["msg"], err.get("input")
+def _message(err: ErrorDetails) -> str:
+    kind, msg, inp = err["type"], str(err["msg"]), err.get("input")
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":

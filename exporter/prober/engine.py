@@ -59,7 +59,7 @@ class Prober:
         self._unavailable: dict[tuple[str, int], str] = {}  # (netns, family) -> why; logged once
         self._retry_at: dict[tuple[str, int], float] = {}  # (netns, family) -> loop time to try opening again
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.sources: dict[str, list[Target]] = {}  # "static", "discovery": merged in that order of precedence
 
@@ -121,7 +121,7 @@ class Prober:
     def socket_for(self, netns: str, family: int) -> IcmpSocket | None:
         """The open socket for (netns, family), opening it if needed; None when it cannot be had (logged once)."""
         key = (netns, family)
-        s = self._sockets.get(key)
+        s: IcmpSocket | None = self._sockets.get(key)
         if s is not None:
             return s
         loop = self._loop or asyncio.get_running_loop()
@@ -285,7 +285,7 @@ class Prober:
         result = ProbeResult(sent=0, rtts=[], errors=[])
         # Spread the packets over the first half of the budget and wait for replies until its end.
         gap = min(0.2, budget / 2 / max(count, 1))
-        sent: list[tuple[asyncio.Future, IcmpSocket, _Pending]] = []
+        sent: list[tuple[asyncio.Future[float | None], IcmpSocket, _Pending]] = []
         for k in range(count):
             result.sent += 1
             # Asked each time: the background loop may have closed an idle socket or the namespace may be gone.
@@ -303,8 +303,9 @@ class Prober:
         if sent:
             await asyncio.wait([f for f, _, _ in sent], timeout=max(start + budget - loop.time(), 0))
         for fut, s, p in sent:
-            if fut.done() and fut.result() is not None:
-                result.rtts.append(fut.result())
+            rtt = fut.result() if fut.done() else None
+            if rtt is not None:
+                result.rtts.append(rtt)
             else:
                 s.forget(p)
         result.duration = loop.time() - start
@@ -344,7 +345,7 @@ class GuestProber:
         self.watched: list[str] = []
         self.directory: Any = None  # the service's GuestDirectory (guest names); None: tap names are used
         self.source_for: Callable[[str], Any] | None = None  # the service's netlink source of a namespace
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     def reconfigure(self, loaded: Any) -> None:
         cfg = getattr(getattr(loaded, "config", None), "probe", None)

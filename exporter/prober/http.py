@@ -17,7 +17,7 @@ PROBE_COUNT_MAX = 100
 def _budget(header: str | None, default: float = 3.0) -> float:
     """Seconds this probe may take: Prometheus' scrape timeout minus a margin for the response (blackbox: 0.5 s)."""
     try:
-        t = float(header) - 0.5
+        t = float(header) - 0.5  # type: ignore[arg-type]  # None: TypeError, the default
     except (TypeError, ValueError):
         t = default
     return max(min(t, 60.0), 0.1)

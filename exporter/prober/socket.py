@@ -85,7 +85,8 @@ def open_icmp_socket(netns: str, family: int, mode: str = "auto") -> tuple[socke
 class IcmpSocket:
     """One ICMP socket on the event loop: sends echo requests, matches replies to pending probes."""
 
-    def __init__(self, netns: str, family: int, loop: asyncio.AbstractEventLoop, on_result: Callable,
+    def __init__(self, netns: str, family: int, loop: asyncio.AbstractEventLoop,
+                 on_result: Callable[[_Pending, float | None], None],
                  mode: str = "auto", payload_size: int = PAYLOAD_SIZE, tx_timestamps: bool = True) -> None:
         self.netns = netns
         self.family = family
@@ -171,7 +172,7 @@ class IcmpSocket:
                 continue  # a pending socket error (e.g. host unreachable on a ping socket): read and cleared
             self._on_packet(data, anc, addr)
 
-    def _on_tx_timestamp(self, data: bytes, anc: list) -> None:
+    def _on_tx_timestamp(self, data: bytes, anc: list[tuple[int, int, bytes]]) -> None:
         got = parse_looped_request(data, self.family, self.payload_size)
         if got is None:
             return
@@ -182,7 +183,7 @@ class IcmpSocket:
             if ts:
                 p.tx_ns = ts
 
-    def _on_packet(self, data: bytes, anc: list, addr: tuple) -> None:
+    def _on_packet(self, data: bytes, anc: list[tuple[int, int, bytes]], addr: tuple[Any, ...]) -> None:
         got = parse_echo_reply(data, self.family, self.raw)
         if got is None:
             return

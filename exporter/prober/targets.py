@@ -59,7 +59,7 @@ def discover_netns(netns: str, directory: Any = None, source: Any = None) -> lis
             return discover_netns(netns, directory, own)
         finally:
             own.close()
-    idents = {}
+    idents: dict[str, Any] = {}
     if directory is not None:
         try:
             idents = directory.lookup(netns) or {}
@@ -67,19 +67,19 @@ def discover_netns(netns: str, directory: Any = None, source: Any = None) -> lis
             log.debug("event=identity_failed netns=%s error=%r", netns, str(exc))
     snap = source.snapshot(stats=False, fdb=False)
     learned = source.learned_macs_by_port()
-    neigh: dict[tuple[str, str], list] = {}
+    neigh: dict[tuple[str, str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]] = {}
     for n in source.neighbours():
         if n.address.version == 6 and n.address.is_link_local:
             continue  # a link-local address needs an interface scope the prober's namespace cannot name
         neigh.setdefault((n.device, n.mac), []).append(n.address)
-    out = []
+    out: list[Target] = []
     for br in snap.bridges:
         for port in br.ports:
             ident = idents.get(port.name)
             if port.kind not in TAP_KINDS and ident is None:
                 continue  # uplinks and plain veths: their far side is a LAN, not a guest
             macs = learned.get(port.name, [])
-            if ident is not None and getattr(ident, "mac", ""):
+            if ident is not None and getattr(ident, "mac", None):
                 macs = [m for m in macs if m == ident.mac] or macs
             for mac in macs:
                 addrs = sorted(neigh.get((br.name, mac), []), key=lambda a: (a.version, a))

@@ -31,7 +31,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kvmnet.common import netns as nsmod
 
@@ -199,7 +199,7 @@ def resolve_taps(args: QemuArgs, fdinfo: Callable[[int], str | None],
         known = {fd for nd in args.netdevs for fd in nd.fds}
         extra: list[tuple[str, int]] = []
         for fd in sorted(tun_fds()):
-            dev = None if fd in known else fdinfo(fd)
+            dev = "" if fd in known else (fdinfo(fd) or "")
             if dev and dev not in out and dev not in (d for d, _ in extra):
                 extra.append((dev, fd))
         for nd, (dev, fd) in zip(unresolved, extra):  # descriptors are opened in command-line order
@@ -272,9 +272,17 @@ def tap_netns_inode(pid: int, fd: int) -> int | None:
     finally:
         os.close(pidfd)
 
-def _read(path: str, mode: str = "r") -> str | bytes | None:
+def _read(path: str) -> str | None:
     try:
-        with open(path, mode) as f:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
             return f.read()
     except OSError:
         return None
@@ -287,7 +295,7 @@ def _ns_ino(path: str) -> int | None:
 class GuestDirectory:
     """tap -> guest, per namespace, from /proc, libvirt and the lab file. Thread-safe; scans at most every `ttl`."""
 
-    def __init__(self, lab=None, proc: str = "/proc", libvirt_dir: str = "/run/libvirt/qemu",
+    def __init__(self, lab: Any = None, proc: str = "/proc", libvirt_dir: str = "/run/libvirt/qemu",
                  ttl: float = 5.0, background: bool = True) -> None:
         self.lab = lab
         self.proc = proc
@@ -301,7 +309,7 @@ class GuestDirectory:
         self._refreshing = False
         self._live: list[tuple[int, str, GuestIdentity]] = []  # (netns inode, device, identity)
 
-    def set_lab(self, lab) -> None:
+    def set_lab(self, lab: Any) -> None:
         with self._lock:
             self.lab = lab
 
@@ -359,13 +367,13 @@ class GuestDirectory:
         return out
 
     def _scan_qemu(self) -> list[tuple[int, str, GuestIdentity]]:
-        out = []
+        out: list[tuple[int, str, GuestIdentity]] = []
         try:
             pids = [p for p in os.listdir(self.proc) if p.isdigit()]
         except OSError:
             return out
         for pid in pids:
-            raw = _read(f"{self.proc}/{pid}/cmdline", "rb")
+            raw = _read_bytes(f"{self.proc}/{pid}/cmdline")
             if not raw or (b"qemu" not in raw[:256] and b"kvm" not in raw[:256]):
                 continue
             argv = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
@@ -390,7 +398,7 @@ class GuestDirectory:
 
     @staticmethod
     def _tun_fds(base: str) -> list[int]:
-        fds = []
+        fds: list[int] = []
         try:
             names = os.listdir(f"{base}/fd")
         except OSError:
@@ -404,7 +412,7 @@ class GuestDirectory:
         return fds
 
     def _scan_libvirt(self) -> list[tuple[int, str, GuestIdentity]]:
-        out = []
+        out: list[tuple[int, str, GuestIdentity]] = []
         try:
             files = sorted(f for f in os.listdir(self.libvirt_dir) if f.endswith(".xml"))
         except OSError:
@@ -416,5 +424,7 @@ class GuestDirectory:
                 continue
             ino = _ns_ino(f"{self.proc}/{dom.pid}/ns/net") if dom.pid else None
             ino = ino if ino is not None else own
+            if ino is None:
+                continue  # no namespace to file it under: lookup() could never match it
             out.extend((ino, dev, GuestIdentity(dom.name, mac, "libvirt")) for dev, mac in dom.interfaces)
         return out

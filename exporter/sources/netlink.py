@@ -518,6 +518,7 @@ class NetlinkSource:
         with self._lock:
             self._refresh(True)
             out: dict[str, set[str]] = {}
+            assert self._fdb is not None  # _refresh(True) tracks the FDB
             for (_master, mac, _vlan), (ifindex, typ) in self._fdb.items():
                 link = self._links.get(ifindex)
                 if typ == LEARNED and link is not None and link.kind != "bridge":
@@ -574,6 +575,7 @@ class NetlinkSource:
 
     def _refresh(self, want_fdb: bool) -> None:
         self._check_netns()
+        assert self._ev is not None  # _check_netns opened the sockets
         if want_fdb and self._fdb is None:
             self._ev.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEIGH)
             self._resync(want_fdb=True)
@@ -598,6 +600,7 @@ class NetlinkSource:
         """Apply queued events. False if the kernel dropped some (ENOBUFS): the rest is read and dropped too, and
         the caller resyncs."""
         ev = self._ev
+        assert ev is not None
         links, fdb = self._links, self._fdb
         ok = True
         while True:
@@ -624,6 +627,7 @@ class NetlinkSource:
         for attempt in range(attempts):
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             seq = self._seq
+            assert self._req is not None  # _check_netns opened the sockets
             try:
                 self._req.send(_request(typ, seq, body))
                 chunks, intr = self._receive(seq)
@@ -638,8 +642,10 @@ class NetlinkSource:
     def _receive(self, seq: int) -> tuple[list[bytes], bool]:
         chunks: list[bytes] = []
         intr = False
+        req = self._req
+        assert req is not None
         while True:
-            data = self._req.recv(RECV_SIZE)
+            data = req.recv(RECV_SIZE)
             keep = False
             for typ, flags, mseq, off, _end in iter_messages(data):
                 if mseq != seq:
