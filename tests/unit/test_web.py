@@ -1,6 +1,8 @@
 """The web layer with a stand-in collector: /metrics parses, gzip, negotiation, coalesced scrapes, reload."""
 import asyncio
 import gzip
+import os
+import subprocess
 import threading
 import time
 
@@ -72,6 +74,9 @@ async def test_metrics_parse_and_self_metrics(aiohttp_client, tmp_path):
     assert sample(fams, "kvmnet_scrape_collector_duration_seconds", collector="standin", netns="") >= 0
     build = fams["kvmnet_build_info"].samples[0]
     assert build.labels["version"] and build.labels["python"] and build.value == 1
+    # an editable checkout: the revision is its git HEAD (exporter/revision.py); without git, "unknown"
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert build.labels["revision"].removesuffix("-dirty") == (git.stdout.strip() if git.returncode == 0 else "unknown")
     assert sample(fams, "process_resident_memory_bytes") > 0
     assert sample(fams, "kvmnet_config_last_reload_successful") == 1
     assert sample(fams, "kvmnet_config_last_reload_success_timestamp_seconds") > 1e9
