@@ -133,8 +133,10 @@ class _Tracker:
 
 
 async def serve_async(app: web.Application, host: str | None, port: int, ssl_context=None,
-                      limits: Limits | None = None, ready=None) -> None:
-    """Serve until SIGTERM or SIGINT. `ready(tracker)` is called once listening (tests use it)."""
+                      limits: Limits | None = None, ready=None, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, or until `stop` is set when one is given (then no signal handlers are
+    installed: tests stop it so, without signalling their own process). `ready(tracker)` is called once
+    listening."""
     limits = limits or Limits()
     tracker = _Tracker(None, limits)
     app.middlewares.insert(0, tracker.middleware)
@@ -145,8 +147,9 @@ async def serve_async(app: web.Application, host: str | None, port: int, ssl_con
     await runner.setup()
     tracker.server = runner.server
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT) if stop is None else ()
+    stop = stop or asyncio.Event()
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
         server = await loop.create_server(tracker.factory, host, port, ssl=ssl_context, backlog=512,
@@ -164,7 +167,7 @@ async def serve_async(app: web.Application, host: str | None, port: int, ssl_con
                 if conn.busy == 0 and conn.transport is not None:
                     conn.transport.close()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.remove_signal_handler(sig)
         await runner.cleanup()
 
