@@ -65,7 +65,7 @@ class Exporter:
     the port accepts: TLS and basic auth guard /healthz). Its output goes to a log file in `log_dir`."""
 
     def __init__(self, *args: str, log_dir: str | os.PathLike[str] | None = None, log_format: str | None = None,
-                 ready: str = "http", scheme: str = "http", timeout: float = 15) -> None:
+                 ready: str = "http", scheme: str = "http", timeout: float = 30) -> None:
         from tests.conftest import free_port
 
         self.port = free_port()

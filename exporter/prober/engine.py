@@ -23,6 +23,7 @@ from typing import Any
 from kvmnet.common import netns as nsmod
 from kvmnet.common.logfmt import fmt
 
+from ..sources.nswatch import NamespaceWatcher
 from .packets import FAMILY_NAME, PAYLOAD_SIZE
 from .socket import IcmpSocket, _Pending
 from .state import GuestState
@@ -62,6 +63,11 @@ class Prober:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.sources: dict[str, list[Target]] = {}  # "static", "discovery": merged in that order of precedence
+        # Which namespaces are gone or replaced: the service's watcher when it gives us one (use_watcher), else one
+        # of our own that the loop polls once a cycle for the namespaces we hold sockets in.
+        self.watcher = NamespaceWatcher()
+        self._own_watcher = True
+        self.watcher.subscribe(self.namespace_changed)
 
     # -- targets -------------------------------------------------------------------------------------------------
     def set_targets(self, targets: Iterable[Any], source: str = "static") -> None:
@@ -128,6 +134,8 @@ class Prober:
         if loop.time() < self._retry_at.get(key, 0.0):
             return None  # failed a moment ago: not one setns + two socket() calls per target per cycle
         try:
+            if netns:
+                self.watcher.identity(netns)  # seen before a socket is made there: its next change is news
             s = self.socket_factory(netns, family, self._loop or asyncio.get_running_loop(), self._on_result,
                                     self.mode, self.payload_size, self.tx_timestamps)
         except nsmod.NetnsGone as exc:
@@ -153,24 +161,45 @@ class Prober:
             _event(name, logging.WARNING if name == "netns_gone" else logging.ERROR,
                    netns=key[0], family=FAMILY_NAME[key[1]], error=why)
 
+    def use_watcher(self, watcher: NamespaceWatcher) -> None:
+        """Follow the service's namespace watcher instead of polling one of our own."""
+        self.watcher.unsubscribe(self.namespace_changed)
+        self.watcher, self._own_watcher = watcher, False
+        watcher.subscribe(self.namespace_changed)
+
     def _check_namespaces(self) -> None:
-        """Close sockets of namespaces deleted (or replaced) under us: an open socket would keep a deleted
+        """Our own watcher only: look at the namespaces we hold sockets in (the service's watcher polls its own)."""
+        if self._own_watcher:
+            self.watcher.check({s.netns for s in self._sockets.values() if s.netns})
+
+    def namespace_changed(self, netns: str, ino: int | None) -> None:
+        """From the watcher, on any thread: `netns` is gone (ino None) or replaced."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # never started: no sockets
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self._drop_namespace(netns, ino)
+        else:
+            loop.call_soon_threadsafe(self._drop_namespace, netns, ino)
+
+    def _drop_namespace(self, netns: str, ino: int | None) -> None:
+        """Close our sockets in a namespace deleted (or replaced) under us: an open socket would keep a deleted
         namespace alive, guests and all. They are reopened when the name comes back."""
+        why = f"network namespace {netns!r} does not exist" if ino is None else \
+            f"network namespace {netns!r} was replaced"
         for key, s in list(self._sockets.items()):
-            if not s.netns:
+            if s.netns != netns or s.inode == ino:
                 continue
-            try:
-                alive = nsmod.inode(s.netns) == s.inode
-                why = f"network namespace {s.netns!r} was replaced"
-            except nsmod.NetnsGone as exc:
-                alive, why = False, str(exc)
-            if not alive:
-                del self._sockets[key]
-                s.close()
-                for p in list(s.pending.values()):
-                    self._on_result(p, None)
-                s.pending.clear()
-                self._note_unavailable(key, "netns_gone", why)
+            del self._sockets[key]
+            s.close()
+            for p in list(s.pending.values()):
+                self._on_result(p, None)
+            s.pending.clear()
+            self._note_unavailable(key, "netns_gone", why)
 
     def _prune(self, order: list[GuestState]) -> None:
         """Forget sockets and failures of (namespace, family) pairs no target uses any more (after a reload)."""
@@ -384,6 +413,9 @@ class GuestProber:
                 found = await asyncio.to_thread(self.discovery.run_once, list(self.namespaces), self.directory)
                 self.prober.set_targets(found, source="discovery")
             await asyncio.sleep(DISCOVER_EVERY)
+
+    def use_watcher(self, watcher: NamespaceWatcher) -> None:
+        self.prober.use_watcher(watcher)
 
     def collectors(self) -> list[Any]:
         return [self.render(self.prober)] if self.render is not None else []

@@ -49,6 +49,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -484,8 +485,12 @@ class NetlinkSource:
     Thread-safe (one lock): collectors of the same namespace share one source (the service owns it:
     service.Service.source)."""
 
-    def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0) -> None:
+    def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0,
+                 identity: Callable[[str], int] = _netns.inode) -> None:
         self.netns = netns
+        # The namespace's identity, asked before each use: the service passes its NamespaceWatcher's, so a change
+        # is seen once and told to everyone holding sockets there. Standalone: a plain stat.
+        self._identity = identity
         self.resync_interval = resync_interval
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -564,7 +569,7 @@ class NetlinkSource:
 
     def _check_netns(self) -> None:
         try:
-            ino = _netns.inode(self.netns)
+            ino = self._identity(self.netns)
         except NetnsGone:
             self._close()
             self._ino = 0
