@@ -28,6 +28,7 @@ from .collectors import bridge as bridge_collector
 from .collectors import fdb as fdb_collector
 from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
+from .prober.socket import IcmpSocket, IcmpSockets
 from .prober.targets import Target
 from .sources.identity import GuestDirectory
 from .sources.netlink import NetlinkSource
@@ -158,13 +159,13 @@ class Service:
 
     The one owner of the kernel resources: the netlink source of each watched namespace (made by `source_factory`,
     shared by its bridge and fdb collectors and the prober's discovery, closed when the namespace stops being
-    watched), the prober, which holds the ICMP sockets (made by its own socket factory), and the one namespace
-    watcher (`watcher`, run by `start()`), which tells the sources and the prober when a namespace is gone or
-    replaced."""
+    watched), the ICMP sockets per namespace (`icmp`, made by `icmp_factory`, lent to the prober, which opens
+    them as its targets need), and the one namespace watcher (`watcher`, run by `start()`), which tells the
+    sources and the prober when a namespace is gone or replaced."""
 
     def __init__(self, settings: Settings, loaded: Loaded, factories: dict[str, Factory] | None = None,
                  prober: Any = None, source_factory: Callable[[str], Any] | None = None,
-                 watcher: NamespaceWatcher | None = None) -> None:
+                 watcher: NamespaceWatcher | None = None, icmp_factory: Callable[..., Any] = IcmpSocket) -> None:
         self.settings = settings
         self.factories = default_factories() if factories is None else factories
         self.prober = prober  # an object with async start(loaded), async stop(), reconfigure(loaded); optional
@@ -181,6 +182,9 @@ class Service:
             prober.source_for = self.source  # discovery reads the same sockets as the collectors
             if hasattr(prober, "use_watcher"):
                 prober.use_watcher(self.watcher)  # the prober's ICMP sockets follow the same namespaces
+        self.icmp = IcmpSockets(icmp_factory)  # ICMP sockets per (namespace, family), lent to the prober
+        if prober is not None and hasattr(prober, "use_sockets"):
+            prober.use_sockets(self.icmp)
         self._pool: dict[tuple[str, str], Guarded] = {}
         self.collectors: list = []
         self._build()
@@ -270,6 +274,7 @@ class Service:
                 pass
         if self.prober is not None and hasattr(self.prober, "stop"):
             await self.prober.stop()
+        self.icmp.close_all()
         for g in self._pool.values():
             g.close()
         self._close_sources(set())

@@ -25,7 +25,7 @@ from kvmnet.common.logfmt import fmt
 
 from ..sources.nswatch import NamespaceWatcher
 from .packets import FAMILY_NAME, PAYLOAD_SIZE
-from .socket import IcmpSocket, _Pending
+from .socket import IcmpSocket, IcmpSockets, _Pending
 from .state import GuestState
 from .targets import DISCOVER_EVERY, Discovery, Target
 
@@ -46,7 +46,6 @@ class Prober:
     def __init__(self, interval: float = 1.0, timeout: float = 1.0, down_after: int = 3, mode: str = "auto",
                  payload_size: int = PAYLOAD_SIZE, tx_timestamps: bool = True,
                  socket_factory: Callable[..., Any] = IcmpSocket) -> None:
-        self.socket_factory = socket_factory  # IcmpSocket's signature; tests inject fakes
         self.interval = float(interval)
         self.timeout = float(timeout)
         self.down_after = int(down_after)
@@ -56,7 +55,8 @@ class Prober:
         self.lock = threading.Lock()  # guards `states` and their counters against the scrape threads
         self.states: dict[tuple[str, str], GuestState] = {}
         self._order: list[GuestState] = []
-        self._sockets: dict[tuple[str, int], IcmpSocket] = {}
+        self._sockets = IcmpSockets(socket_factory)  # the service lends its own (use_sockets)
+        self._own_sockets = True
         self._unavailable: dict[tuple[str, int], str] = {}  # (netns, family) -> why; logged once
         self._retry_at: dict[tuple[str, int], float] = {}  # (netns, family) -> loop time to try opening again
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -119,9 +119,8 @@ class Prober:
                 await task
             except asyncio.CancelledError:
                 pass
-        for s in self._sockets.values():
-            s.close()
-        self._sockets.clear()
+        if self._own_sockets:
+            self._sockets.close_all()  # a lent pool is closed by its owner, the service
 
     # -- sockets -------------------------------------------------------------------------------------------------
     def socket_for(self, netns: str, family: int) -> IcmpSocket | None:
@@ -136,7 +135,7 @@ class Prober:
         try:
             if netns:
                 self.watcher.identity(netns)  # seen before a socket is made there: its next change is news
-            s = self.socket_factory(netns, family, self._loop or asyncio.get_running_loop(), self._on_result,
+            s = self._sockets.factory(netns, family, self._loop or asyncio.get_running_loop(), self._on_result,
                                     self.mode, self.payload_size, self.tx_timestamps)
         except nsmod.NetnsGone as exc:
             self._retry_at[key] = loop.time() + RETRY_OPEN
@@ -160,6 +159,15 @@ class Prober:
             self._unavailable[key] = why
             _event(name, logging.WARNING if name == "netns_gone" else logging.ERROR,
                    netns=key[0], family=FAMILY_NAME[key[1]], error=why)
+
+    @property
+    def socket_factory(self) -> Callable[..., Any]:
+        return self._sockets.factory
+
+    def use_sockets(self, sockets: IcmpSockets) -> None:
+        """Open and keep ICMP sockets in the service's pool (before start)."""
+        self._sockets.close_all()
+        self._sockets, self._own_sockets = sockets, False
 
     def use_watcher(self, watcher: NamespaceWatcher) -> None:
         """Follow the service's namespace watcher instead of polling one of our own."""
@@ -416,6 +424,9 @@ class GuestProber:
 
     def use_watcher(self, watcher: NamespaceWatcher) -> None:
         self.prober.use_watcher(watcher)
+
+    def use_sockets(self, sockets: IcmpSockets) -> None:
+        self.prober.use_sockets(sockets)
 
     def collectors(self) -> list[Any]:
         return [self.render(self.prober)] if self.render is not None else []

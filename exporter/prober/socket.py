@@ -234,3 +234,18 @@ class IcmpSocket:
         except (ValueError, OSError, RuntimeError):
             pass
         self.sock.close()
+
+
+class IcmpSockets(dict[tuple[str, int], IcmpSocket]):
+    """The open ICMP sockets, one per (namespace, family), and the factory that makes them (IcmpSocket's
+    signature; tests inject fakes). The Service owns one and lends it to its prober (`Prober.use_sockets`), so
+    the service holds every kernel resource; a standalone Prober makes its own."""
+
+    def __init__(self, factory: Callable[..., Any] = IcmpSocket) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def close_all(self) -> None:
+        for s in self.values():
+            s.close()
+        self.clear()
