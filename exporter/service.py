@@ -28,7 +28,7 @@ from .collectors import bridge as bridge_collector
 from .collectors import fdb as fdb_collector
 from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
-from .prober.socket import IcmpSocket, IcmpSockets
+from .prober.socket import IcmpSockets
 from .prober.targets import Target
 from .sources.identity import GuestDirectory
 from .sources.netlink import NetlinkSource
@@ -165,7 +165,7 @@ class Service:
 
     def __init__(self, settings: Settings, loaded: Loaded, factories: dict[str, Factory] | None = None,
                  prober: Any = None, source_factory: Callable[[str], Any] | None = None,
-                 watcher: NamespaceWatcher | None = None, icmp_factory: Callable[..., Any] = IcmpSocket) -> None:
+                 watcher: NamespaceWatcher | None = None, icmp_factory: Callable[..., Any] | None = None) -> None:
         self.settings = settings
         self.factories = default_factories() if factories is None else factories
         self.prober = prober  # an object with async start(loaded), async stop(), reconfigure(loaded); optional
@@ -182,7 +182,9 @@ class Service:
             prober.source_for = self.source  # discovery reads the same sockets as the collectors
             if hasattr(prober, "use_watcher"):
                 prober.use_watcher(self.watcher)  # the prober's ICMP sockets follow the same namespaces
-        self.icmp = IcmpSockets(icmp_factory)  # ICMP sockets per (namespace, family), lent to the prober
+        # ICMP sockets per (namespace, family), lent to the prober; made by `icmp_factory`, else by the factory the
+        # prober was built with (IcmpSocket unless a test injected one)
+        self.icmp = IcmpSockets(icmp_factory)
         if prober is not None and hasattr(prober, "use_sockets"):
             prober.use_sockets(self.icmp)
         self._pool: dict[tuple[str, str], Guarded] = {}

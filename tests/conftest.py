@@ -68,6 +68,14 @@ def exporters(tmp_path):
         assert "Traceback" not in text, text
 
 
+@pytest.fixture
+def lab(netns_factory):
+    """lab(n): a light-guest lab (tests/harness.py LightLab) with guests g1..gn; its namespaces go afterwards."""
+    from tests.harness import LightLab
+
+    return lambda n: LightLab(netns_factory, n)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="needs root for network namespaces")

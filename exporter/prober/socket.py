@@ -241,9 +241,9 @@ class IcmpSockets(dict[tuple[str, int], IcmpSocket]):
     signature; tests inject fakes). The Service owns one and lends it to its prober (`Prober.use_sockets`), so
     the service holds every kernel resource; a standalone Prober makes its own."""
 
-    def __init__(self, factory: Callable[..., Any] = IcmpSocket) -> None:
+    def __init__(self, factory: Callable[..., Any] | None = IcmpSocket) -> None:
         super().__init__()
-        self.factory = factory
+        self.factory = factory  # None: the borrowing prober's own factory (Prober.use_sockets)
 
     def close_all(self) -> None:
         for s in self.values():

@@ -486,11 +486,11 @@ class NetlinkSource:
     service.Service.source)."""
 
     def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0,
-                 identity: Callable[[str], int] = _netns.inode) -> None:
+                 identity: Callable[[str], int] | None = None) -> None:
         self.netns = netns
         # The namespace's identity, asked before each use: the service passes its NamespaceWatcher's, so a change
         # is seen once and told to everyone holding sockets there. Standalone: a plain stat.
-        self._identity = identity
+        self._identity = identity or (lambda ns: _netns.inode(ns))
         self.resync_interval = resync_interval
         self.timeout = timeout
         self._lock = threading.Lock()

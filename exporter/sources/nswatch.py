@@ -29,10 +29,10 @@ Listener = Callable[[str, "int | None"], None]
 
 class NamespaceWatcher:
     def __init__(self, names: Callable[[], Iterable[str]] = lambda: (), interval: float = 1.0,
-                 inode: Callable[[str], int] = nsmod.inode) -> None:
+                 inode: Callable[[str], int] | None = None) -> None:
         self.names = names  # the named namespaces to check in run(); "" (our own) is never checked
         self.interval = interval
-        self._inode = inode
+        self._inode = inode or (lambda name: nsmod.inode(name))  # looked up at call time (tests patch it)
         self._seen: dict[str, int | None] = {}  # name -> last identity seen, None = did not exist
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()  # identity() is called from scrape threads too
