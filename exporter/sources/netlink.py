@@ -79,6 +79,7 @@ from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-expor
     IFLA_INFO_KIND,
     IFLA_INFO_SLAVE_DATA,
     IFLA_INFO_SLAVE_KIND,
+    IFLA_LINK,
     IFLA_LINKINFO,
     IFLA_MASTER,
     IFLA_PROTINFO,
@@ -121,6 +122,7 @@ from kvmnet.common.rtnl import attr_spans as _attrs
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "Port", "Counters", "FdbCounts", "Link", "Neighbour",
            "NetnsGone", "STP_STATES", "NetlinkProtocolError", "open_netlink"]
 
+IFLA_LINK_NETNSID = 37  # <linux/if_link.h>
 # <linux/if_tun.h>
 IFF_TUN, IFF_TAP = 0x1, 0x2
 # <linux/socket.h>
@@ -162,6 +164,7 @@ class Link:
     name: str
     kind: str                    # IFLA_INFO_KIND; "tap"/"tun" for tun devices; "physical" when the driver has none
     master: int = 0
+    link: int = 0                # IFLA_LINK: a macvtap's lower device (same namespace)
     mac: str = ""
     flags: int = 0
     carrier_changes: int = 0
@@ -187,6 +190,7 @@ class Port:
     stp_state: int
     stats: Counters
     fdb: FdbCounts | None = None
+    lower: str = ""  # a macvtap's lower device; "" for bridge ports
 
     @property
     def up(self) -> bool:
@@ -214,6 +218,12 @@ class Bridge:
 class BridgeSnapshot:
     netns: str
     bridges: list[Bridge]  # sorted by name; ports sorted by name
+    # Guest NICs that are no bridge's port: macvtap devices (libvirt <interface type='direct'>), sorted by name.
+    # A macvtap is its own guest's "port" on the lower device's segment; it has no bridge, STP state or FDB.
+    macvtaps: list[Port] = field(default_factory=list)
+    # device -> the device its IFLA_LINK names in this namespace: a veth's peer, a macvlan's or macvtap's lower.
+    # Discovery follows these (Proxmox's fwln/fwpr veth pair between two bridges; a macvtap's macvlan siblings).
+    links: dict[str, str] = field(default_factory=dict)
 
 
 class FdbEntry(NamedTuple):
@@ -278,6 +288,9 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
     link = Link(index=index, name=_cstr(data, name), kind="physical", flags=flags, mac=_mac(data, at.get(IFLA_ADDRESS)))
     if (a := at.get(IFLA_MASTER)) is not None:
         link.master = _u32(data, a)
+    if (a := at.get(IFLA_LINK)) is not None and IFLA_LINK_NETNSID not in at:
+        # Only a link in this namespace: with IFLA_LINK_NETNSID the index is another namespace's.
+        link.link = _u32(data, a)
     if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
         link.carrier_changes = _u32(data, a)
     if (a := at.get(IFLA_LINKINFO)) is not None:
@@ -427,11 +440,14 @@ def neighbours_from_dump(chunks: list[bytes], links: dict[int, Link]) -> list[Ne
 
 
 def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None
-                 ) -> None:
+                 ) -> bool:
     """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
-    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked."""
+    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked. True if it held a link
+    notification (a device added, removed or changed)."""
+    link_seen = False
     for typ, _f, _s, off, end in iter_messages(chunk):
         if typ in (RTM_NEWLINK, RTM_DELLINK):
+            link_seen = True
             _need(off, end, 32, "ifinfomsg")
             if chunk[off + 16] == AF_BRIDGE:
                 # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify); the AF_UNSPEC ones
@@ -458,6 +474,7 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
                 fdb[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
             else:
                 fdb.pop((e.master, e.mac, e.vlan), None)
+    return link_seen
 
 
 def fdb_counts(fdb: dict[tuple[int, str, int], tuple[int, int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -489,9 +506,14 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
                 continue
             bridges[l.index] = Bridge(l.index, l.name, l.mac, l.flags, l.carrier_changes, bool(l.stp_enabled), st,
                                       fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None)
+    macvtaps: list[Port] = []
     for l in links.values():
         br = bridges.get(l.master) if l.master else None
         if br is None:
+            if l.kind == "macvtap" and (st := stats.get(l.index) if stats is not None else empty) is not None:
+                lower = links.get(l.link)
+                macvtaps.append(Port(l.index, l.name, l.kind, l.mac, l.flags, l.carrier_changes, 0, st,
+                                     lower=lower.name if lower is not None else ""))
             continue
         st = stats.get(l.index) if stats is not None else empty
         if st is None:
@@ -501,7 +523,8 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
     out = sorted(bridges.values(), key=lambda b: b.name)
     for b in out:
         b.ports.sort(key=lambda p: p.name)
-    return BridgeSnapshot(netns, out)
+    pairs = {l.name: links[l.link].name for l in links.values() if l.link and l.link in links and l.link != l.index}
+    return BridgeSnapshot(netns, out, sorted(macvtaps, key=lambda p: p.name), pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -577,6 +600,7 @@ class NetlinkSource:
         self._counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None  # fdb_counts(_fdb), cached
         self._synced_at = 0.0
         self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
+        self.link_generation = 0  # bumped by every batch of link events and every resync: see links_changed()
         self.dumps_interrupted = 0  # dumps that came back with NLM_F_DUMP_INTR (each retry counts)
         self.errors = 0  # requests that failed: kernel error, still interrupted, malformed, timeout, socket error
 
@@ -604,6 +628,13 @@ class NetlinkSource:
                 if typ == LEARNED and link is not None and link.kind != "bridge":
                     out.setdefault(link.name, set()).add(mac)
             return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def links_changed(self, since: int) -> int:
+        """Read queued events; the current link generation (compare with the last one seen: if it differs, a device
+        appeared, vanished or changed since). Cheap: no dump unless events overflowed."""
+        with self._lock:
+            self._refresh(False)
+            return self.link_generation
 
     def neighbours(self) -> list[Neighbour]:
         """IPv4 and IPv6 neighbours that have a MAC, sorted; not FAILED/INCOMPLETE ones, and not the NOARP
@@ -689,6 +720,7 @@ class NetlinkSource:
         self._counts = None
         self._synced_at = time.monotonic()
         self.resyncs += 1
+        self.link_generation += 1
 
     def _drain_events(self, apply: bool = True) -> bool:
         """Apply queued events. False if the kernel dropped some (ENOBUFS) or one did not decode: the rest is
@@ -712,7 +744,8 @@ class NetlinkSource:
             if not apply:
                 continue
             try:
-                apply_events(chunk, links, fdb)
+                if apply_events(chunk, links, fdb):
+                    self.link_generation += 1
             except (Malformed, struct.error, IndexError, ValueError) as exc:
                 self.errors += 1
                 log.warning("event=netlink_event_malformed netns=%s error=%r action=resync", self.netns or '""',
