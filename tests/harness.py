@@ -77,10 +77,14 @@ class Exporter:
             argv += ["--log.format", log_format]
         self.proc = subprocess.Popen([*argv, *args], stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not self._ready(ready):
-            assert self.proc.poll() is None, f"exporter exited {self.proc.returncode}: {self.log()}"
-            assert time.monotonic() < deadline, "exporter did not come up: " + self.log()
-            time.sleep(0.1)
+        try:
+            while not self._ready(ready):
+                assert self.proc.poll() is None, f"exporter exited {self.proc.returncode}: {self.log()}"
+                assert time.monotonic() < deadline, "exporter did not come up: " + self.log()
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()  # never leave it running: the fixture only stops the exporters it got back
+            raise
 
     def _ready(self, how: str) -> bool:
         if how == "tcp":
