@@ -176,7 +176,7 @@ def test_sighup_reload_and_json_logs(netns_factory, exporters, tmp_path):
 
     cfg.write_text("netns: {oops: 1}\n")
     status, body, _ = e.get("/-/reload", method="POST")
-    assert status == 500 and body.decode().strip() == "netns: input should be a valid list, got dict"
+    assert status == 500 and body.decode().strip() == f"{cfg}: netns: input should be a valid list, got dict"
     text = e.metrics()
     assert value(text, "kvmnet_config_last_reload_successful") == 0
     assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=b) == 1  # old config serves
