@@ -21,8 +21,8 @@ import asyncio
 import html
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -145,7 +145,6 @@ tr.down td:first-child{border-left:4px solid #c62828}
 
 def render(prev: Sample | None, cur: Sample, version: str = "", probe: bool = False) -> str:
     dt = cur.t - prev.t if prev is not None else 0.0
-    pc = prev.series if prev is not None else None
     out = [f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH}">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -27,8 +27,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.e2e.alerting import (ALERTMANAGER, PROMETHEUS, ROOT, Alertmanager, Prometheus, Recorder, am_test_config,
-                                firing_alerts)
+from tests.e2e.alerting import (
+    ALERTMANAGER,
+    PROMETHEUS,
+    ROOT,
+    Alertmanager,
+    Prometheus,
+    Recorder,
+    am_test_config,
+    firing_alerts,
+)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.prometheus, pytest.mark.timeout(900)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def alert(name: str, severity: str, **labels: str) -> dict:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     # Prometheus sends no empty labels: an uplink's alert has no guest label at all (the matcher guest="" matches it).
     labels = {k: v for k, v in labels.items() if v}
     return {"labels": {"alertname": name, "severity": severity, "job": "kvmnet", **labels},

@@ -37,8 +37,16 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import delete_netns, free_port, unique_name
-from tests.e2e.alerting import (ALERTMANAGER, PROMETHEUS, ROOT, Alertmanager, Prometheus, Recorder, am_test_config,
-                                firing_alerts)
+from tests.e2e.alerting import (
+    ALERTMANAGER,
+    PROMETHEUS,
+    ROOT,
+    Alertmanager,
+    Prometheus,
+    Recorder,
+    am_test_config,
+    firing_alerts,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.prometheus, pytest.mark.timeout(600)]
 
@@ -165,7 +173,7 @@ class Fleet:
             listen = f"{addr}:{free_port()}"
             p, log = self.spawn(f"exporter-{i}", [exe, "--config.file", str(cfg), "--web.listen-address", listen])
             self.exporters[addr] = listen
-        for addr, listen in self.exporters.items():
+        for listen in self.exporters.values():
             wait_http(f"http://{listen}/healthz", self.procs[0], self.tmp / "exporter-0.log")
 
     def engines(self) -> None:
