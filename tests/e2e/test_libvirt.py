@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.libvirt_host import LibvirtHost
-from tests.netns.test_exporter_cli import Exporter, samples, value
+from tests.harness import Exporter, samples, value
 
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(subprocess.run(["which", "libvirtd"], capture_output=True)
                                                    .returncode != 0, reason="libvirtd is not installed")]

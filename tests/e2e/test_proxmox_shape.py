@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.e2e.proxmox_host import ProxmoxHost, mac_of
-from tests.netns.test_exporter_cli import Exporter, samples, value
+from tests.harness import Exporter, samples, value
 
 pytestmark = pytest.mark.qemu
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.test_exporter_cli import Exporter, samples, value
+from tests.harness import Exporter, samples, value
 
 pytestmark = pytest.mark.netns
 TAP_GUEST = Path(__file__).resolve().parents[1] / "e2e" / "tap_guest.py"
