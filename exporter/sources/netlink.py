@@ -55,7 +55,8 @@ from typing import Iterator, NamedTuple
 from . import netns as _netns
 from .netns import NetnsGone
 
-__all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "Port", "Counters", "FdbCounts", "Link", "Neighbour",
+__all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "BridgeInfo", "Port", "Counters", "FdbCounts", "Link",
+           "Neighbour", "StpCounters", "Qdisc",
            "NetnsGone", "STP_STATES", "source_for", "fdb_learned", "neighbours"]
 
 # <linux/netlink.h>
@@ -67,17 +68,30 @@ NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
 # <linux/rtnetlink.h>
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_NEWQDISC, RTM_GETQDISC = 36, 38
 RTM_NEWSTATS, RTM_GETSTATS = 92, 94
 RTNLGRP_LINK, RTNLGRP_NEIGH = 1, 3
 RTEXT_FILTER_SKIP_STATS = 1 << 3  # counters come from RTM_GETSTATS instead
 # <linux/if_link.h>
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 10, 12, 18
-IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 29, 35
+IFLA_TXQLEN, IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 13, 29, 35
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_BR_STP_STATE = 5
+IFLA_BR_ROOT_ID, IFLA_BR_BRIDGE_ID, IFLA_BR_ROOT_PORT, IFLA_BR_ROOT_PATH_COST = 10, 11, 12, 13
+IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED = 14, 15
+# Kernel 6.8+ (after IFLA_BR_MCAST_QUERIER_STATE = 47; Debian's 6.1 headers stop there). Checked by behaviour on
+# this 6.18 kernel: setting 49 to N makes the bridge stop learning after N MACs and 48 counts them
+# (tests/netns/test_bridge_internals.py).
+IFLA_BR_FDB_N_LEARNED, IFLA_BR_FDB_MAX_LEARNED = 48, 49
 IFLA_BRPORT_STATE = 1
 IFLA_TUN_TYPE = 3
-IFLA_STATS_LINK_64 = 1
+IFLA_STATS_LINK_64, IFLA_STATS_LINK_XSTATS_SLAVE = 1, 3
+LINK_XSTATS_TYPE_BRIDGE = 1
+BRIDGE_XSTATS_STP = 4  # <linux/if_bridge.h>: struct bridge_stp_xstats, six __u64
+# <linux/rtnetlink.h>, <linux/pkt_sched.h>, <linux/gen_stats.h>
+TCA_KIND, TCA_STATS2 = 1, 7
+TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
+TC_H_ROOT = 0xFFFFFFFF
 # <linux/if_tun.h>
 IFF_TUN, IFF_TAP = 0x1, 0x2
 # <linux/if.h>
@@ -103,6 +117,11 @@ _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 _STATS8 = struct.Struct("=8Q")         # the first 8 fields of rtnl_link_stats64
+_STP6 = struct.Struct("=6Q")           # struct bridge_stp_xstats
+_TCM = struct.Struct("=BxxxiIII")      # tcmsg
+_BASIC = struct.Struct("=QI")          # gnet_stats_basic: bytes, packets
+_QUEUE = struct.Struct("=5I")          # gnet_stats_queue: qlen, backlog, drops, requeues, overlimits
+_BRID = struct.Struct("=2s6s")         # ifla_bridge_id: priority, MAC
 
 
 class Counters(NamedTuple):
@@ -129,6 +148,43 @@ class Link:
     carrier_changes: int = 0
     stp_state: int | None = None  # bridge ports: IFLA_BRPORT_STATE
     stp_enabled: bool | None = None  # bridges: IFLA_BR_STP_STATE != 0
+    txqlen: int = 0
+    br: BridgeInfo | None = None  # bridges: the IFLA_INFO_DATA we report
+
+
+class BridgeInfo(NamedTuple):
+    """A bridge's own state from IFLA_INFO_DATA. Root and learned count change without a notification, so the
+    source re-reads these with one small kind-filtered dump per scrape."""
+    root_id: str = ""              # "8000.0a1b2c3d4e5f": priority.MAC, as /sys/class/net/BR/bridge/root_id
+    bridge_id: str = ""
+    root_port: int = 0             # port number of the root port; 0 when this bridge is the root
+    root_path_cost: int = 0
+    topology_change: int = 0
+    topology_change_detected: int = 0
+    fdb_n_learned: int | None = None    # None: kernel before 6.8
+    fdb_max_learned: int | None = None  # 0: no limit
+
+
+class StpCounters(NamedTuple):
+    """struct bridge_stp_xstats, in the kernel's order."""
+    transition_blk: int = 0
+    transition_fwd: int = 0
+    rx_bpdu: int = 0
+    tx_bpdu: int = 0
+    rx_tcn: int = 0
+    tx_tcn: int = 0
+
+
+class Qdisc(NamedTuple):
+    """A device's root qdisc counters (TCA_STATS2)."""
+    kind: str
+    bytes: int = 0
+    packets: int = 0
+    drops: int = 0
+    overlimits: int = 0
+    requeues: int = 0
+    qlen: int = 0      # backlog, packets
+    backlog: int = 0   # backlog, bytes
 
 
 @dataclass(slots=True)
@@ -149,6 +205,10 @@ class Port:
     stp_state: int
     stats: Counters
     fdb: FdbCounts | None = None
+    txqlen: int = 0
+    stp: StpCounters | None = None   # None: the kernel gave no bridge xstats for it
+    qdisc: Qdisc | None = None       # None: no root qdisc reported (or qdiscs not asked for)
+    fdb_moves: int | None = None     # None: the FDB is not tracked
 
     @property
     def up(self) -> bool:
@@ -166,6 +226,7 @@ class Bridge:
     stats: Counters
     ports: list[Port] = field(default_factory=list)
     fdb: FdbCounts | None = None  # every entry of this bridge, including those on the bridge device itself
+    info: BridgeInfo = BridgeInfo()
 
     @property
     def up(self) -> bool:
@@ -244,6 +305,8 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
         link.master = _U32.unpack_from(data, a[0])[0]
     if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
         link.carrier_changes = _U32.unpack_from(data, a[0])[0]
+    if (a := at.get(IFLA_TXQLEN)) is not None:
+        link.txqlen = _U32.unpack_from(data, a[0])[0]
     if (a := at.get(IFLA_LINKINFO)) is not None:
         info = _attrs(data, a[0], a[1])
         if (k := info.get(IFLA_INFO_KIND)) is not None:
@@ -253,6 +316,7 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
             br = _attrs(data, d[0], d[1])
             if (s := br.get(IFLA_BR_STP_STATE)) is not None:
                 link.stp_enabled = _U32.unpack_from(data, s[0])[0] != 0
+            link.br = _bridge_info(data, br)
         elif d is not None and link.kind == "tun":
             tun = _attrs(data, d[0], d[1])
             if (t := tun.get(IFLA_TUN_TYPE)) is not None:
@@ -263,6 +327,27 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
             if (s := port.get(IFLA_BRPORT_STATE)) is not None:
                 link.stp_state = data[s[0]]
     return link
+
+
+def _bridge_id(data: bytes, a: tuple[int, int] | None) -> str:
+    if a is None or a[1] - a[0] < 8:
+        return ""
+    prio, mac = _BRID.unpack_from(data, a[0])
+    return f"{prio.hex()}.{mac.hex()}"
+
+
+def _bridge_info(data: bytes, br: dict[int, tuple[int, int]]) -> BridgeInfo:
+    def u(t: int, fmt: struct.Struct = _U32) -> int | None:
+        a = br.get(t)
+        return fmt.unpack_from(data, a[0])[0] if a is not None and a[1] - a[0] >= fmt.size else None
+
+    def b(t: int) -> int:
+        a = br.get(t)
+        return data[a[0]] if a is not None and a[1] > a[0] else 0
+
+    return BridgeInfo(_bridge_id(data, br.get(IFLA_BR_ROOT_ID)), _bridge_id(data, br.get(IFLA_BR_BRIDGE_ID)),
+                      u(IFLA_BR_ROOT_PORT, _U16) or 0, u(IFLA_BR_ROOT_PATH_COST) or 0, b(IFLA_BR_TOPOLOGY_CHANGE),
+                      b(IFLA_BR_TOPOLOGY_CHANGE_DETECTED), u(IFLA_BR_FDB_N_LEARNED), u(IFLA_BR_FDB_MAX_LEARNED))
 
 
 def parse_bridge_protinfo(data: bytes, off: int, end: int) -> tuple[int, int | None]:
@@ -276,18 +361,21 @@ def parse_bridge_protinfo(data: bytes, off: int, end: int) -> tuple[int, int | N
     return index, (data[s[0]] if s is not None else None)
 
 
-def parse_stats(data: bytes, off: int, end: int) -> tuple[int, Counters] | None:
-    """An RTM_NEWSTATS message with IFLA_STATS_LINK_64."""
+def parse_stats(data: bytes, off: int, end: int) -> tuple[int, Counters, StpCounters | None] | None:
+    """An RTM_NEWSTATS message: IFLA_STATS_LINK_64 and, for bridge ports, the STP part of the bridge's slave
+    xstats (IFLA_STATS_LINK_XSTATS_SLAVE > LINK_XSTATS_TYPE_BRIDGE > BRIDGE_XSTATS_STP). The rest of the xstats
+    (per-port multicast counters, ~300 bytes) comes along because the kernel has no finer filter for it."""
     _family, index, _mask = _STATS_HDR.unpack_from(data, off + 16)
-    a = off + 28
-    while a + 4 <= end:
-        alen, atype = _NLA.unpack_from(data, a)
-        if alen < 4:
-            break
-        if atype == IFLA_STATS_LINK_64 and alen >= 4 + 64:
-            return index, Counters._make(_STATS8.unpack_from(data, a + 4))
-        a += (alen + 3) & ~3
-    return None
+    at = _attrs(data, off + 28, end)
+    a = at.get(IFLA_STATS_LINK_64)
+    if a is None or a[1] - a[0] < 64:
+        return None
+    stp = None
+    if (x := at.get(IFLA_STATS_LINK_XSTATS_SLAVE)) is not None:
+        if (b := _attrs(data, x[0], x[1]).get(LINK_XSTATS_TYPE_BRIDGE)) is not None:
+            if (s := _attrs(data, b[0], b[1]).get(BRIDGE_XSTATS_STP)) is not None and s[1] - s[0] >= 48:
+                stp = StpCounters._make(_STP6.unpack_from(data, s[0]))
+    return index, Counters._make(_STATS8.unpack_from(data, a[0])), stp
 
 
 def fdb_type(state: int) -> int:
@@ -351,7 +439,8 @@ def fdb_from_dump(chunks: list[bytes]) -> dict[tuple[int, str, int], tuple[int, 
     return table
 
 
-def stats_from_dump(chunks: list[bytes]) -> dict[int, Counters]:
+def stats_from_dump(chunks: list[bytes], stp: dict[int, StpCounters] | None = None) -> dict[int, Counters]:
+    """{ifindex: Counters}; bridge ports' STP xstats go into `stp` when given."""
     out: dict[int, Counters] = {}
     hdr, s8, nla = _STATS_HDR.unpack_from, _STATS8.unpack_from, _NLA.unpack_from
     make = Counters._make
@@ -359,11 +448,46 @@ def stats_from_dump(chunks: list[bytes]) -> dict[int, Counters]:
         for typ, _f, _s, off, end in iter_messages(chunk):
             if typ != RTM_NEWSTATS:
                 continue
-            # Fast path for the layout we asked for: if_stats_msg, then one IFLA_STATS_LINK_64 attribute.
-            if end - off >= 28 + 4 + 64 and nla(chunk, off + 28)[1] == IFLA_STATS_LINK_64:
+            # Fast path for a device without xstats: if_stats_msg, then only IFLA_STATS_LINK_64.
+            alen, atype = nla(chunk, off + 28) if end - off >= 32 else (0, 0)
+            if atype == IFLA_STATS_LINK_64 and alen >= 4 + 64 and off + 28 + alen == end:
                 out[hdr(chunk, off + 16)[1]] = make(s8(chunk, off + 32))
             else:
                 r = parse_stats(chunk, off, end)
+                if r is not None:
+                    out[r[0]] = r[1]
+                    if stp is not None and r[2] is not None:
+                        stp[r[0]] = r[2]
+    return out
+
+
+def parse_qdisc(data: bytes, off: int, end: int) -> tuple[int, Qdisc] | None:
+    """An RTM_NEWQDISC: (ifindex, Qdisc) of a root qdisc (parent TC_H_ROOT), None for any other."""
+    _family, index, _handle, parent, _info = _TCM.unpack_from(data, off + 16)
+    if parent != TC_H_ROOT:
+        return None  # a child of a classful qdisc, mq's per-queue ones, ingress/clsact
+    at = _attrs(data, off + 36, end)
+    k, s2 = at.get(TCA_KIND), at.get(TCA_STATS2)
+    if k is None or s2 is None:
+        return None
+    st = _attrs(data, s2[0], s2[1])
+    nbytes = packets = 0
+    if (b := st.get(TCA_STATS_BASIC)) is not None and b[1] - b[0] >= 12:
+        nbytes, packets = _BASIC.unpack_from(data, b[0])
+    if (p := st.get(TCA_STATS_PKT64)) is not None and p[1] - p[0] >= 8:
+        packets = struct.unpack_from("=Q", data, p[0])[0]  # the kernel adds it once packets pass 2^32
+    qlen = backlog = drops = requeues = overlimits = 0
+    if (q := st.get(TCA_STATS_QUEUE)) is not None and q[1] - q[0] >= 20:
+        qlen, backlog, drops, requeues, overlimits = _QUEUE.unpack_from(data, q[0])
+    return index, Qdisc(_cstr(data, k), nbytes, packets, drops, overlimits, requeues, qlen, backlog)
+
+
+def qdiscs_from_dump(chunks: list[bytes]) -> dict[int, Qdisc]:
+    out: dict[int, Qdisc] = {}
+    for chunk in chunks:
+        for typ, _f, _s, off, end in iter_messages(chunk):
+            if typ == RTM_NEWQDISC:
+                r = parse_qdisc(chunk, off, end)
                 if r is not None:
                     out[r[0]] = r[1]
     return out
@@ -384,10 +508,13 @@ def neighbours_from_dump(chunks: list[bytes], links: dict[int, Link]) -> list[Ne
     return out
 
 
-def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None
-                 ) -> None:
+def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None,
+                 moves: dict[int, int] | None = None) -> list[tuple[tuple[int, str, int], int, int]] | None:
     """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
-    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked."""
+    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked. `moves` counts, per
+    ifindex, learned entries that moved onto it from another port. Returns the moves seen, [(key, from, to)], or
+    None when there were none."""
+    moved = None
     for typ, _f, _s, off, end in iter_messages(chunk):
         if typ == RTM_NEWLINK or typ == RTM_DELLINK:
             if chunk[off + 16] == AF_BRIDGE:
@@ -404,17 +531,41 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
                 continue
             if typ == RTM_DELLINK:
                 links.pop(l.index, None)
+                if moves is not None:
+                    moves.pop(l.index, None)  # its series goes with it; an ifindex reused later starts at 0
             else:
                 links[l.index] = l
         elif fdb is not None and (typ == RTM_NEWNEIGH or typ == RTM_DELNEIGH):
             e = parse_fdb(chunk, off, end)
             if e is None:
                 continue
-            # Keyed by (bridge, mac, vlan): a learned MAC that moves to another port comes as one NEWNEIGH, no DEL.
+            # Keyed by (bridge, mac, vlan): a learned MAC that moves to another port comes as one NEWNEIGH, no DEL
+            # (br_fdb_update: fdb->dst changes, fdb_notify(RTM_NEWNEIGH)).
+            key = (e.master, e.mac, e.vlan)
             if typ == RTM_NEWNEIGH:
-                fdb[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
+                old = fdb.get(key)
+                fdb[key] = (e.ifindex, e.type)
+                if (moves is not None and old is not None and old[0] != e.ifindex and old[1] == LEARNED
+                        and e.type == LEARNED and e.ifindex != e.master and old[0] != e.master):
+                    moves[e.ifindex] = moves.get(e.ifindex, 0) + 1
+                    (moved := moved or []).append((key, old[0], e.ifindex))
             else:
-                fdb.pop((e.master, e.mac, e.vlan), None)
+                fdb.pop(key, None)
+    return moved
+
+
+def count_moves(old: dict[tuple[int, str, int], tuple[int, int]], new: dict[tuple[int, str, int], tuple[int, int]],
+                moves: dict[int, int]) -> int:
+    """After a resync: learned entries on another port than before count one move each (the ones between, lost
+    with the events that overflowed, are not known). Returns how many."""
+    n = 0
+    for key, (ifindex, typ) in new.items():
+        o = old.get(key)
+        if o is not None and typ == LEARNED and o[1] == LEARNED and o[0] != ifindex and ifindex != key[0] \
+                and o[0] != key[0]:
+            moves[ifindex] = moves.get(ifindex, 0) + 1
+            n += 1
+    return n
 
 
 def fdb_counts(fdb: dict[tuple[int, str, int], tuple[int, int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -429,10 +580,14 @@ def fdb_counts(fdb: dict[tuple[int, str, int], tuple[int, int]]) -> tuple[dict[i
 
 def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters] | None,
                    fdb: dict[tuple[int, str, int], tuple[int, int]] | None,
-                   counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None) -> BridgeSnapshot:
+                   counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None,
+                   stp: dict[int, StpCounters] | None = None, qdiscs: dict[int, Qdisc] | None = None,
+                   bridges_now: dict[int, Link] | None = None, moves: dict[int, int] | None = None) -> BridgeSnapshot:
     """Join topology, counters and FDB into bridges and their ports. A device missing from `stats` vanished between
     the dumps and is left out (it will be gone from the next topology too). `fdb` maps (master, mac, vlan) to
-    (ifindex, type); None when FDB sizes were not asked for. `counts` is fdb_counts(fdb) if the caller has it."""
+    (ifindex, type); None when FDB sizes were not asked for. `counts` is fdb_counts(fdb) if the caller has it.
+    `stp` and `qdiscs` are per-ifindex (from the same scrape's dumps); `bridges_now` holds this scrape's bridge
+    links (fresh root and learned count; else the event-kept ones are used); `moves` the FDB moves per port."""
     per_dev: dict[int, list[int]] = {}
     per_br: dict[int, list[int]] = {}
     if fdb is not None:
@@ -444,8 +599,10 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
             st = stats.get(l.index) if stats is not None else empty
             if st is None:
                 continue
+            now = bridges_now.get(l.index, l) if bridges_now is not None else l
             bridges[l.index] = Bridge(l.index, l.name, l.mac, l.flags, l.carrier_changes, bool(l.stp_enabled), st,
-                                      fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None)
+                                      fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None,
+                                      info=now.br or BridgeInfo())
     for l in links.values():
         br = bridges.get(l.master) if l.master else None
         if br is None:
@@ -454,7 +611,10 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
         if st is None:
             continue
         br.ports.append(Port(l.index, l.name, l.kind, l.mac, l.flags, l.carrier_changes, l.stp_state or 0, st,
-                             fdb=FdbCounts(*per_dev.get(l.index, (0, 0, 0))) if fdb is not None else None))
+                             fdb=FdbCounts(*per_dev.get(l.index, (0, 0, 0))) if fdb is not None else None,
+                             txqlen=l.txqlen, stp=stp.get(l.index) if stp is not None else None,
+                             qdisc=qdiscs.get(l.index) if qdiscs is not None else None,
+                             fdb_moves=moves.get(l.index, 0) if moves is not None and fdb is not None else None))
     out = sorted(bridges.values(), key=lambda b: b.name)
     for b in out:
         b.ports.sort(key=lambda p: p.name)
@@ -469,7 +629,11 @@ def _request(typ: int, seq: int, body: bytes) -> bytes:
 
 
 _LINK_REQ = _IFI.pack(AF_UNSPEC, 0, 0, 0, 0) + _NLA.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
-_STATS_REQ = _STATS_HDR.pack(AF_UNSPEC, 0, 1 << (IFLA_STATS_LINK_64 - 1))
+_STATS_REQ = _STATS_HDR.pack(AF_UNSPEC, 0, (1 << (IFLA_STATS_LINK_64 - 1)) | (1 << (IFLA_STATS_LINK_XSTATS_SLAVE - 1)))
+# Only the bridges: the kernel filters a link dump by IFLA_LINKINFO/IFLA_INFO_KIND (rtnl_dump_ifinfo), as
+# `ip link show type bridge` does.
+_BRIDGES_REQ = _LINK_REQ + _NLA.pack(4 + 12, IFLA_LINKINFO) + _NLA.pack(11, IFLA_INFO_KIND) + b"bridge\0\0"
+_QDISC_REQ = _TCM.pack(AF_UNSPEC, 0, 0, 0, 0)
 _FDB_REQ = _NDM.pack(AF_BRIDGE, 0, 0, 0, 0)
 _NEIGH_REQ = _NDM.pack(AF_UNSPEC, 0, 0, 0, 0)
 
@@ -494,20 +658,32 @@ class NetlinkSource:
         self._fdb: dict[tuple[int, str, int], tuple[int, int]] | None = None  # None: FDB not tracked (yet)
         self._counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None  # fdb_counts(_fdb), cached
         self._synced_at = 0.0
+        self._moves: dict[int, int] = {}  # ifindex -> learned FDB entries that moved onto it (kept across resyncs)
+        self._move_logged: dict[tuple[int, str, int], float] = {}
         self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
 
     # -- public ---------------------------------------------------------------------------------------------
     def snapshot(self, stats: bool = True, fdb: bool = True) -> BridgeSnapshot:
-        """Bridges and ports now. `stats=False` skips the counter dump (zeros); `fdb=False` leaves FDB counts None
-        and, if nobody ever asks for them, never subscribes to or dumps the FDB."""
+        """Bridges and ports now. `stats=False` skips the counter, STP xstats and qdisc dumps (zeros, None);
+        `fdb=False` leaves FDB counts and moves None and, if nobody ever asks for them, never subscribes to or
+        dumps the FDB. The bridges' own state (root, learned count and limit) is re-read every time."""
         with self._lock:
             self._refresh(fdb)
-            counters = self._dump_stats() if stats else None
+            bridges_now = links_from_dump(self._dump(RTM_GETLINK, _BRIDGES_REQ))
+            stp: dict[int, StpCounters] | None = None
+            qdiscs = None
+            counters = None
+            if stats:
+                stp = {}
+                counters = stats_from_dump(self._dump(RTM_GETSTATS, _STATS_REQ), stp)
+                qdiscs = qdiscs_from_dump(self._dump(RTM_GETQDISC, _QDISC_REQ))
             if not fdb or self._fdb is None:
-                return build_snapshot(self.netns, self._links, counters, None)
+                return build_snapshot(self.netns, self._links, counters, None, stp=stp, qdiscs=qdiscs,
+                                      bridges_now=bridges_now)
             if self._counts is None:  # counting 20k entries is ~2 ms: only after the table changed
                 self._counts = fdb_counts(self._fdb)
-            return build_snapshot(self.netns, self._links, counters, self._fdb, self._counts)
+            return build_snapshot(self.netns, self._links, counters, self._fdb, self._counts, stp=stp,
+                                  qdiscs=qdiscs, bridges_now=bridges_now, moves=self._moves)
 
     def learned_macs_by_port(self) -> dict[str, list[str]]:
         """Dynamic (learned) bridge FDB entries: {port device: sorted MACs}. From the event-maintained table, no dump."""
@@ -540,6 +716,7 @@ class NetlinkSource:
         self._links = {}
         self._fdb = None
         self._counts = None
+        self._moves = {}  # ifindexes mean nothing in a reopened (possibly new) namespace
 
     def _open(self) -> None:
         self._close()
@@ -584,8 +761,14 @@ class NetlinkSource:
         applied at the next drain, and being later than what the dump saw, they leave the newest state."""
         self._drain_events(apply=False)
         self._links = links_from_dump(self._dump(RTM_GETLINK, _LINK_REQ))
+        for gone in [i for i in self._moves if i not in self._links]:
+            del self._moves[gone]
         if want_fdb:
+            old = self._fdb
             self._fdb = fdb_from_dump(self._dump(RTM_GETNEIGH, _FDB_REQ))
+            if old is not None and (n := count_moves(old, self._fdb, self._moves)):
+                log.info("event=fdb_moves_after_resync netns=%s moved=%d note=%s", self.netns or '""', n,
+                         "moves between the two tables were lost with the dropped events; each counts once")
         self._counts = None
         self._synced_at = time.monotonic()
         self.resyncs += 1
@@ -608,11 +791,24 @@ class NetlinkSource:
                 continue
             if not apply:
                 continue
-            apply_events(chunk, links, fdb)
+            moved = apply_events(chunk, links, fdb, self._moves)
             self._counts = None
+            if moved:
+                self._log_moves(moved)
 
-    def _dump_stats(self) -> dict[int, Counters]:
-        return stats_from_dump(self._dump(RTM_GETSTATS, _STATS_REQ))
+    def _log_moves(self, moved: list) -> None:
+        """One line per moving (bridge, MAC, VLAN) per 10 s: the alert names the ports, this names the MAC."""
+        now = time.monotonic()
+        logged = self._move_logged
+        if len(logged) > 4096:
+            self._move_logged = logged = {k: t for k, t in logged.items() if now - t < 10}
+        for key, old, new in moved:
+            if now - logged.get(key, -1e9) < 10:
+                continue
+            logged[key] = now
+            name = lambda i: (l.name if (l := self._links.get(i)) is not None else str(i))  # noqa: E731
+            log.info("event=fdb_move netns=%s bridge=%s mac=%s vlan=%d from=%s to=%s", self.netns or '""',
+                     name(key[0]), key[1], key[2], name(old), name(new))
 
     def _dump(self, typ: int, body: bytes, attempts: int = 3) -> list[bytes]:
         """One dump's receive buffers, DONE and ERROR checked. An interrupted dump (the device list changed under
