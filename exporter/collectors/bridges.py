@@ -30,6 +30,7 @@ import re
 from typing import Callable, Iterable
 
 from ..exposition import MetricFamily, labels, with_label
+from . import internals
 from ..sources.netlink import FDB_TYPES, STP_STATES, BridgeSnapshot, Counters, NetlinkSource, source_for
 
 FIELDS = Counters._fields
@@ -221,6 +222,7 @@ class BridgeCollector:
         self.keep = _filter(include, exclude)
         self.source = source if source is not None else source_for(netns)
         self._rows = _Rows()
+        self._internals = internals._Prefixes()
 
     def collect(self) -> Iterable[MetricFamily]:
         snap = self.source.snapshot(fdb=False)
@@ -234,7 +236,11 @@ class BridgeCollector:
                                "Full netlink dumps of a namespace (start, event overflow, periodic). Between them "
                                "topology and FDB are kept current from netlink events.")
         resyncs.add(labels(netns=self.netns), self.source.resyncs)
-        return bridge_families(snap, guests, self.keep, self._rows) + [resyncs]
+        out = bridge_families(snap, guests, self.keep, self._rows)
+        out += internals.port_families(snap, self.keep, self._internals) + internals.bridge_stp_families(snap)
+        out.append(internals.mac_conflict_family(snap, guests))
+        self._internals.prune()
+        return out + [resyncs]
 
     def close(self) -> None:
         """Drop the namespace's sockets (shared with the fdb collector and the prober: they reopen on next use).
@@ -253,9 +259,14 @@ class FdbCollector:
         self.keep = _filter(include, exclude)
         self.source = source if source is not None else source_for(netns)
         self._cache: dict = {}
+        self._internals = internals._Prefixes()
 
     def collect(self) -> Iterable[MetricFamily]:
-        return fdb_families(self.source.snapshot(stats=False), self.keep, self._cache)
+        snap = self.source.snapshot(stats=False)
+        out = fdb_families(snap, self.keep, self._cache) + internals.fdb_internal_families(snap, self.keep,
+                                                                                            self._internals)
+        self._internals.prune()
+        return out
 
     def close(self) -> None:
         self.source.close()
