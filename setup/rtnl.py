@@ -22,6 +22,7 @@ RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 10, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
+IFLA_BR_FDB_MAX_LEARNED = 49  # kernel 6.8+, after IFLA_BR_FDB_N_LEARNED = 48
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFF_UP = 1
 NLA_F_NESTED = 0x8000
@@ -128,7 +129,8 @@ class Rtnl:
                 d = self._attrs(info.get(IFLA_INFO_DATA, b""), 0)
                 u32 = lambda k: struct.unpack("I", d[k])[0] if k in d else None  # noqa: E731
                 bridge = {"forward_delay": u32(1), "hello_time": u32(2), "max_age": u32(3), "stp_state": u32(5),
-                          "priority": struct.unpack("H", d[6])[0] if 6 in d else None}  # IFLA_BR_* of if_link.h
+                          "priority": struct.unpack("H", d[6])[0] if 6 in d else None,  # IFLA_BR_* of if_link.h
+                          "fdb_max_learned": u32(IFLA_BR_FDB_MAX_LEARNED)}  # None before kernel 6.8
             out.append({"index": index, "flags": flags, "kind": kind, "bridge": bridge,
                         "name": a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
                         "master": struct.unpack("I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0})
@@ -152,6 +154,12 @@ class Rtnl:
         if master is not None:
             body += _attr(IFLA_MASTER, struct.pack("I", master))
         self.request(RTM_NEWLINK, 0, body)
+
+    def bridge_fdb_max_learned(self, index: int, limit: int) -> None:
+        """Set IFLA_BR_FDB_MAX_LEARNED (neither iproute2 6.1 nor pyroute2 knows it)."""
+        data = _attr(IFLA_BR_FDB_MAX_LEARNED, struct.pack("I", limit))
+        info = _attr(IFLA_INFO_KIND, b"bridge\0") + _attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
+        self.request(RTM_NEWLINK, 0, _ifinfo(index) + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
 
     def link_up_index(self, index: int) -> None:
         self.request(RTM_NEWLINK, 0, _ifinfo(index, IFF_UP, IFF_UP))
