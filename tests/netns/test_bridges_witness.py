@@ -137,12 +137,13 @@ def expected(netns: str) -> dict[tuple, float]:
     return out
 
 
-def rendered(collectors) -> dict[tuple, float]:
+def rendered(collectors, moves: bool = False) -> dict[tuple, float]:
     fams = [f for c in collectors for f in c.collect()]
     out = {}
     for fam in text_string_to_metric_families(render(fams).decode()):
         for s in fam.samples:
-            if not s.name.startswith(("kvmnet_port_", "kvmnet_bridge_")) or s.name == "kvmnet_port_fdb_moves_total":
+            if not s.name.startswith(("kvmnet_port_", "kvmnet_bridge_")) or (
+                    s.name == "kvmnet_port_fdb_moves_total" and not moves):
                 # kvmnet_netlink_resyncs_total: our own bookkeeping, no witness for it; FDB moves are events,
                 # witnessed by `bridge monitor fdb` in test_bridge_internals.py
                 continue
