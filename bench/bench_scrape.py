@@ -127,8 +127,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_size(taps: int, rounds: int, fdb_per_tap: int, log_dir: Path) -> dict:
-    ns = f"kn-bench{taps}-{secrets.token_hex(2)}"
+def run_size(taps: int, rounds: int, fdb_per_tap: int, log_dir: Path, prefix: str = "kn") -> dict:
+    ns = f"{prefix}-bench{taps}-{secrets.token_hex(2)}"
     procs: list[subprocess.Popen] = []
     try:
         t0 = time.monotonic()
@@ -241,6 +241,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--fdb-per-tap", type=int, default=4)
     ap.add_argument("--no-write", action="store_true", help="print, do not write bench/results/scrape.md")
+    ap.add_argument("--netns-prefix", default="kn", help="first part of the benchmark namespace's name")
     args = ap.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="kn-bench-logs-"))  # the exporters' stderr, if something goes wrong
     print(f"logs in {log_dir}")
@@ -249,7 +250,7 @@ def main() -> None:
     node_version = (node_version.stdout + node_version.stderr).splitlines()[0]
     results = []
     for n in (int(x) for x in args.sizes.split(",")):
-        r = run_size(n, args.rounds, args.fdb_per_tap, log_dir)
+        r = run_size(n, args.rounds, args.fdb_per_tap, log_dir, args.netns_prefix)
         print(f"{n} taps: kvmnet p50 {r['kvm_p50'] * 1e3:.1f} ms p90 {r['kvm_p90'] * 1e3:.1f} | node p50 "
               f"{r['node_p50'] * 1e3:.1f} ms p90 {r['node_p90'] * 1e3:.1f} | ratio {r['kvm_p50'] / r['node_p50']:.2f} "
               f"| RSS {r['rss_mb']:.1f} MB | series {r['kvm_series']}/{r['node_series']} | {r['collectors']}",
