@@ -442,16 +442,37 @@ def fdb_from_dump(chunks: list[bytes]) -> dict[tuple[int, str, int], tuple[int, 
 def stats_from_dump(chunks: list[bytes], stp: dict[int, StpCounters] | None = None) -> dict[int, Counters]:
     """{ifindex: Counters}; bridge ports' STP xstats go into `stp` when given."""
     out: dict[int, Counters] = {}
-    hdr, s8, nla = _STATS_HDR.unpack_from, _STATS8.unpack_from, _NLA.unpack_from
-    make = Counters._make
+    hdr, s8, nla, s6 = _STATS_HDR.unpack_from, _STATS8.unpack_from, _NLA.unpack_from, _STP6.unpack_from
+    make, make_stp = Counters._make, StpCounters._make
     for chunk in chunks:
         for typ, _f, _s, off, end in iter_messages(chunk):
             if typ != RTM_NEWSTATS:
                 continue
-            # Fast path for a device without xstats: if_stats_msg, then only IFLA_STATS_LINK_64.
+            # Fast path for the layout the kernel sends (rtnl_fill_statsinfo): if_stats_msg, IFLA_STATS_LINK_64,
+            # then for bridge ports IFLA_STATS_LINK_XSTATS_SLAVE > LINK_XSTATS_TYPE_BRIDGE > [PAD] STP, MCAST.
+            # A linear walk without dicts: ~2 us a port instead of ~7 (1000 ports per scrape).
             alen, atype = nla(chunk, off + 28) if end - off >= 32 else (0, 0)
-            if atype == IFLA_STATS_LINK_64 and alen >= 4 + 64 and off + 28 + alen == end:
-                out[hdr(chunk, off + 16)[1]] = make(s8(chunk, off + 32))
+            if atype == IFLA_STATS_LINK_64 and alen >= 4 + 64 and off + 28 + alen <= end:
+                index = hdr(chunk, off + 16)[1]
+                out[index] = make(s8(chunk, off + 32))
+                x = off + 28 + ((alen + 3) & ~3)
+                if stp is None or x + 8 > end:
+                    continue
+                xlen, xtype = nla(chunk, x)
+                blen, btype = nla(chunk, x + 4)
+                if xtype & NLA_TYPE_MASK != IFLA_STATS_LINK_XSTATS_SLAVE or btype & NLA_TYPE_MASK != \
+                        LINK_XSTATS_TYPE_BRIDGE or x + 4 + blen > end:
+                    continue
+                c, cend = x + 8, x + 4 + blen
+                while c + 4 <= cend:
+                    clen, ctype = nla(chunk, c)
+                    if clen < 4:
+                        break
+                    if ctype & NLA_TYPE_MASK == BRIDGE_XSTATS_STP:
+                        if clen >= 4 + 48 and c + clen <= cend:
+                            stp[index] = make_stp(s6(chunk, c + 4))
+                        break
+                    c += (clen + 3) & ~3
             else:
                 r = parse_stats(chunk, off, end)
                 if r is not None:
@@ -466,20 +487,41 @@ def parse_qdisc(data: bytes, off: int, end: int) -> tuple[int, Qdisc] | None:
     _family, index, _handle, parent, _info = _TCM.unpack_from(data, off + 16)
     if parent != TC_H_ROOT:
         return None  # a child of a classful qdisc, mq's per-queue ones, ingress/clsact
-    at = _attrs(data, off + 36, end)
-    k, s2 = at.get(TCA_KIND), at.get(TCA_STATS2)
-    if k is None or s2 is None:
+    # Linear walks for the two attributes we read (TCA_KIND, TCA_STATS2 and inside it BASIC, QUEUE, PKT64): the
+    # options and xstats around them are skipped without building dicts.
+    nla = _NLA.unpack_from
+    kind = None
+    a = off + 36
+    s2 = s2_end = 0
+    while a + 4 <= end:
+        alen, atype = nla(data, a)
+        if alen < 4 or a + alen > end:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == TCA_KIND:
+            kind = data[a + 4:a + alen].split(b"\0", 1)[0].decode("ascii", "replace")
+        elif atype == TCA_STATS2:
+            s2, s2_end = a + 4, a + alen
+        a += (alen + 3) & ~3
+    if kind is None or not s2:
         return None
-    st = _attrs(data, s2[0], s2[1])
-    nbytes = packets = 0
-    if (b := st.get(TCA_STATS_BASIC)) is not None and b[1] - b[0] >= 12:
-        nbytes, packets = _BASIC.unpack_from(data, b[0])
-    if (p := st.get(TCA_STATS_PKT64)) is not None and p[1] - p[0] >= 8:
-        packets = struct.unpack_from("=Q", data, p[0])[0]  # the kernel adds it once packets pass 2^32
-    qlen = backlog = drops = requeues = overlimits = 0
-    if (q := st.get(TCA_STATS_QUEUE)) is not None and q[1] - q[0] >= 20:
-        qlen, backlog, drops, requeues, overlimits = _QUEUE.unpack_from(data, q[0])
-    return index, Qdisc(_cstr(data, k), nbytes, packets, drops, overlimits, requeues, qlen, backlog)
+    nbytes = packets = qlen = backlog = drops = requeues = overlimits = 0
+    pkt64 = None
+    a = s2
+    while a + 4 <= s2_end:
+        alen, atype = nla(data, a)
+        if alen < 4 or a + alen > s2_end:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == TCA_STATS_BASIC and alen >= 4 + 12:
+            nbytes, packets = _BASIC.unpack_from(data, a + 4)
+        elif atype == TCA_STATS_QUEUE and alen >= 4 + 20:
+            qlen, backlog, drops, requeues, overlimits = _QUEUE.unpack_from(data, a + 4)
+        elif atype == TCA_STATS_PKT64 and alen >= 4 + 8:
+            pkt64 = struct.unpack_from("=Q", data, a + 4)[0]  # the kernel adds it once packets pass 2^32
+        a += (alen + 3) & ~3
+    return index, Qdisc(kind, nbytes, pkt64 if pkt64 is not None else packets, drops, overlimits, requeues, qlen,
+                        backlog)
 
 
 def qdiscs_from_dump(chunks: list[bytes]) -> dict[int, Qdisc]:
