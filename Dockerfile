@@ -27,6 +27,7 @@ FROM ${PYTHON_IMAGE} AS build
 COPY pyproject.toml README.md /src/
 COPY exporter /src/exporter
 COPY setup /src/setup
+COPY common /src/common
 COPY deploy/build-wheel-venv.sh /usr/local/bin/build-wheel-venv.sh
 RUN build-wheel-venv.sh build /src /opt/kvmnet
 

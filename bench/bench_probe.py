@@ -290,7 +290,8 @@ def run_kvmnet(n: int, addrs: list[str], seconds: float, vanish_count: int) -> d
 
 INPROC = r"""
 import asyncio, ipaddress, json, os, sys, time
-from kvmnet.exporter.sources.icmp import Prober, Target
+from kvmnet.exporter.prober.engine import Prober
+from kvmnet.exporter.prober.targets import Target
 addrs, host, tx, seconds = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3] == "tx", float(sys.argv[4])
 async def main():
     p = Prober(interval=1.0, timeout=1.0, tx_timestamps=tx)

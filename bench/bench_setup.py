@@ -148,7 +148,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     py = subprocess.run([*SETUP, "--help"], capture_output=True)  # warm: start-up cost alone, for the reader
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import kvmnet.setup.apply, kvmnet.setup.spec"], capture_output=True)
+    subprocess.run([sys.executable, "-c", "import kvmnet.setup.apply, kvmnet.common.lab"], capture_output=True)
     startup = time.perf_counter() - t0
     del py
     text = f"""# kvmnet-setup vs `ip -batch`

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from kvmnet.exporter import exposition  # noqa: E402
-from kvmnet.exporter.collectors.bridges import _Rows, bridge_families, fdb_families  # noqa: E402
+from kvmnet.exporter.collectors.bridge import _Rows, bridge_families  # noqa: E402
+from kvmnet.exporter.collectors.fdb import fdb_families  # noqa: E402
 from kvmnet.exporter.sources.netlink import Bridge, BridgeSnapshot, Counters, FdbCounts, Port  # noqa: E402
 
 

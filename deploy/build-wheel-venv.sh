@@ -21,7 +21,7 @@ build)
   trap 'rm -rf "$work"' EXIT
   mkdir -p "$work/src"
   # Only what the wheel is made of: no .venv, no build/ left in the source tree others work in.
-  (cd "$src" && tar cf - pyproject.toml README.md exporter setup) | (cd "$work/src" && tar xf -)
+  (cd "$src" && tar cf - pyproject.toml README.md exporter setup common) | (cd "$work/src" && tar xf -)
   "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$work/wheels" "$work/src"
   "$PYTHON" -m venv --clear "$venv"
   "$venv/bin/pip" install -q --no-cache-dir "$work"/wheels/kvmnet-*.whl

@@ -16,7 +16,8 @@ import signal
 import sys
 
 from . import DEFAULT_PORT, __version__, logs
-from .collectors import guests
+from .collectors.probe import GuestCollector
+from .prober.engine import GuestProber
 from .config import ConfigError, check_netns_name
 from .service import COLLECTORS, Service, Settings, load
 
@@ -110,7 +111,7 @@ def _prober(service_settings: Settings):
     """The prober and its /probe handler, unless --no-collector.probe."""
     if not service_settings.enabled.get("probe", True):
         return None, None
-    prober = guests.make_prober()
+    prober = GuestProber(render=GuestCollector)
     return prober, prober.handle_probe
 
 

@@ -18,7 +18,7 @@ import ipaddress
 import re
 from typing import Annotated, Any
 
-from kvmnet.setup import yamlfile
+from kvmnet.common import yamlfile
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from kvmnet.setup import spec
+from kvmnet.common import lab as spec
+
+from kvmnet.common import netns as nsmod
 
 from . import logs
+from .collectors import bridge as bridge_collector
+from .collectors import fdb as fdb_collector
 from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
-from .collectors import bridges
-from .sources import netns as nsmod
+from .prober.targets import Target
 from .sources.identity import GuestDirectory
+from .sources.netlink import NetlinkSource
 
 log = logging.getLogger("kvmnet.service")
 
@@ -42,27 +47,15 @@ class Settings:
 
 
 @dataclass
-class ProbeTarget:
-    """A resolved ping target: where to ping it from, and what it is called."""
-    name: str
-    address: Any  # ipaddress.IPv4Address | IPv6Address
-    netns: str
-    source: str  # "config" | "lab"
-    mac: str = ""
-    bridge: str = ""
-    device: str = ""
-
-
-@dataclass
 class Loaded:
     config: Config
-    lab: Any  # kvmnet.setup.spec.Lab | None
+    lab: Any  # kvmnet.common.lab.Lab | None
     watched: list[str]  # "" (own namespace) first, then the named ones, sorted
-    targets: list[ProbeTarget]
+    targets: list[Target]
 
 
 def load_lab(path: str):
-    """The lab file (kvmnet.setup.spec); its LabError becomes a ConfigError naming the file once."""
+    """The lab file (kvmnet.common.lab); its LabError becomes a ConfigError naming the file once."""
     try:
         return spec.load_lab(path)
     except spec.LabError as exc:
@@ -79,15 +72,15 @@ def load(settings: Settings) -> Loaded:
     if lab is not None and getattr(lab, "host_netns", ""):
         named.append(lab.host_netns)
     watched = ["", *sorted(set(named))]  # sorted: stable output whatever order flags and files name them
-    targets = [ProbeTarget(t.name, t.address, resolve_target_netns(t, named), "config")
+    targets = [Target(t.name, t.address, resolve_target_netns(t, named), source="config")
                for t in config.probe.targets]
     if lab is not None:
         seen = {t.name for t in targets}
         for g in getattr(lab, "guests", []):
             if g.name in seen or getattr(g, "address", None) is None:
                 continue
-            targets.append(ProbeTarget(g.name, g.address.ip, lab.host_netns or "", "lab",
-                                       mac=g.mac or "", bridge=g.bridge or "", device=g.device or ""))
+            targets.append(Target(g.name, g.address.ip, lab.host_netns or "", mac=g.mac or "",
+                                  bridge=g.bridge or "", device=g.device or "", source="lab"))
     return Loaded(config, lab, watched, targets)
 
 
@@ -144,30 +137,57 @@ Factory = Callable[[str, "Service"], Any]
 def default_factories() -> dict[str, Factory]:
     """The per-namespace collectors: links, counters and STP ("bridge"), and FDB sizes ("fdb")."""
     def bridge(ns: str, svc: "Service"):
-        return bridges.BridgeCollector(ns, identity=svc.identity, include=svc.settings.include,
-                                       exclude=svc.settings.exclude)
+        return bridge_collector.BridgeCollector(ns, identity=svc.identity, include=svc.settings.include,
+                                                exclude=svc.settings.exclude, source=svc.source(ns))
 
     def fdb(ns: str, svc: "Service"):
-        return bridges.FdbCollector(ns, include=svc.settings.include, exclude=svc.settings.exclude)
+        return fdb_collector.FdbCollector(ns, include=svc.settings.include, exclude=svc.settings.exclude,
+                                          source=svc.source(ns))
 
     return {"bridge": bridge, "fdb": fdb}
 
 
 class Service:
-    """Collectors per watched namespace, the guest directory, and the prober; swapped whole on reload."""
+    """Collectors per watched namespace, the guest directory, and the prober; swapped whole on reload.
+
+    The one owner of the kernel resources: the netlink source of each watched namespace (made by `source_factory`,
+    shared by its bridge and fdb collectors and the prober's discovery, closed when the namespace stops being
+    watched) and the prober, which holds the ICMP sockets (made by its own socket factory)."""
 
     def __init__(self, settings: Settings, loaded: Loaded, factories: dict[str, Factory] | None = None,
-                 prober: Any = None) -> None:
+                 prober: Any = None, source_factory: Callable[[str], Any] = NetlinkSource) -> None:
         self.settings = settings
         self.factories = default_factories() if factories is None else factories
         self.prober = prober  # an object with async start(loaded), async stop(), reconfigure(loaded); optional
         self.loaded = loaded
+        self.source_factory = source_factory
+        self._sources: dict[str, Any] = {}
+        self._sources_lock = threading.Lock()  # collectors are made lazily, in scrape threads
         self.identity = self._make_identity(loaded)
         if prober is not None:
             prober.directory = self.identity  # one /proc scan for port names and discovered guests alike
+            prober.source_for = self.source  # discovery reads the same sockets as the collectors
         self._pool: dict[tuple[str, str], Guarded] = {}
         self.collectors: list = []
         self._build()
+
+    def source(self, netns: str) -> Any:
+        """The netlink source of a watched namespace, made on first use."""
+        with self._sources_lock:
+            src = self._sources.get(netns)
+            if src is None:
+                src = self._sources[netns] = self.source_factory(netns)
+            return src
+
+    def _close_sources(self, keep: set[str]) -> None:
+        with self._sources_lock:
+            gone = [ns for ns in self._sources if ns not in keep]
+            closing = [self._sources.pop(ns) for ns in gone]
+        for src in closing:
+            try:
+                src.close()
+            except Exception as exc:  # noqa: BLE001 - a dead namespace's sockets must not break a reload
+                logs.event(log, "source_close_failed", logging.DEBUG, error=exc)
 
     def _make_identity(self, loaded: Loaded) -> GuestDirectory | None:
         return GuestDirectory(lab=loaded.lab) if self.settings.enabled.get("identity", True) else None
@@ -184,6 +204,7 @@ class Service:
         for old in self._pool.values():
             old.close()
         self._pool = pool
+        self._close_sources(set(self.loaded.watched))
         extra = []
         if self.prober is not None and hasattr(self.prober, "collectors"):
             extra = list(self.prober.collectors())
@@ -211,3 +232,4 @@ class Service:
             await self.prober.stop()
         for g in self._pool.values():
             g.close()
+        self._close_sources(set())

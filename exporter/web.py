@@ -3,23 +3,19 @@
 One scrape is in flight at a time: requests that arrive while it runs wait for it and get its result, so a flood
 of scrapes costs one scrape's work. The body is Prometheus text 0.0.4 (what Prometheus accepts whatever else it
 asks for), gzip-compressed when the client allows it. The exporter's own metrics (build info, reload status,
-process metrics) come from a private client_python registry, rendered with `generate_latest` and appended.
+process metrics) are collectors/self.py's, appended.
 """
 from __future__ import annotations
 
 import asyncio
 import gzip
 import logging
-import platform
 import signal
-import time
 from typing import Any, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-
 from . import __version__, logs, scrape
+from .collectors.self import SelfMetrics
 from .exposition import CONTENT_TYPE, render
 
 log = logging.getLogger("kvmnet.web")
@@ -34,14 +30,6 @@ LANDING = """<!DOCTYPE html>
 <ul><li><a href="metrics">metrics</a></li><li><a href="healthz">healthz</a></li>{probe}</ul>
 <p>version {version}</p></body></html>
 """
-
-
-class _BuildInfo:
-    def collect(self):
-        g = GaugeMetricFamily("kvmnet_build_info", "kvmnet's version and the Python it runs on; always 1.",
-                              labels=["version", "python"])
-        g.add_metric([__version__, platform.python_version()], 1)
-        yield g
 
 
 class _Result:
@@ -63,22 +51,14 @@ class State:
     def __init__(self, service, reload: Callable[[], Any] | None = None) -> None:
         self.service = service
         self.reloader = reload  # () -> Loaded (blocking; raises ConfigError) or None when there is nothing to reload
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_BuildInfo())
-        ProcessCollector(registry=self.registry)
-        self.reload_ok = Gauge("kvmnet_config_last_reload_successful",
-                               "Whether the last configuration reload attempt was successful.",
-                               registry=self.registry)
-        self.reload_ts = Gauge("kvmnet_config_last_reload_success_timestamp_seconds",
-                               "Timestamp of the last successful configuration reload.", registry=self.registry)
-        self.reload_ok.set(1)
-        self.reload_ts.set(time.time())
+        self.own = SelfMetrics()
+        self.registry = self.own.registry
         self._inflight: asyncio.Future | None = None
         self._reload_lock = asyncio.Lock()
 
     async def _scrape(self) -> _Result:
         fams = await scrape.scrape(self.service.collectors)
-        return _Result(await asyncio.to_thread(lambda: render(fams) + generate_latest(self.registry)))
+        return _Result(await asyncio.to_thread(lambda: render(fams) + self.own.render()))
 
     async def metrics(self) -> _Result:
         """The current scrape's result; starts one if none is running."""
@@ -101,11 +81,10 @@ class State:
                 loaded = await asyncio.to_thread(self.reloader)
                 self.service.apply(loaded)
             except Exception as exc:  # noqa: BLE001 - ConfigError is the expected case; anything else keeps serving too
-                self.reload_ok.set(0)
+                self.own.reload_failed()
                 logs.event(log, "reload_failed", logging.ERROR, error=str(exc))
                 return False, str(exc)
-            self.reload_ok.set(1)
-            self.reload_ts.set(time.time())
+            self.own.reload_succeeded()
             logs.event(log, "reloaded", netns=",".join(n for n in loaded.watched if n) or "-",
                        targets=len(loaded.targets))
             return True, "reloaded"

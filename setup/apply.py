@@ -22,12 +22,13 @@ from typing import Callable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvmnet.exporter.sources.netns import NETNS_RUN_DIR, _setns, entered
+from kvmnet.common import netns as nsmod
+from kvmnet.common.netns import NETNS_RUN_DIR, entered, setns
 
 from . import plan as planmod
 from .plan import LIGHT_DEV, NAT_TABLE, Action, Link, Observed
-from .rtnl import Rtnl
-from .spec import Lab
+from kvmnet.common.rtnl import Rtnl
+from kvmnet.common.lab import Lab
 from .state import State
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -68,7 +69,7 @@ def netns_create(name: str) -> None:
             if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None) != 0:
                 raise OSError(ctypes.get_errno(), f"mount {path}: {os.strerror(ctypes.get_errno())}")
         finally:
-            _setns(home.__index__())
+            setns(home.__index__())
     except OSError:
         os.unlink(path)
         raise
@@ -78,19 +79,10 @@ def netns_create(name: str) -> None:
 
 def netns_pids(name: str) -> list[int]:
     """Processes living in the namespace (what `ip netns pids` does)."""
-    try:
-        ino = os.stat(os.path.join(NETNS_RUN_DIR, name)).st_ino
-    except FileNotFoundError:
+    ino = nsmod.inode_at(os.path.join(NETNS_RUN_DIR, name))
+    if ino is None:
         return []
-    out = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.stat(f"/proc/{pid}/ns/net").st_ino == ino:
-                    out.append(int(pid))
-            except OSError:
-                pass
-    return out
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and nsmod.pid_inode(pid) == ino]
 
 
 def netns_delete(name: str, kill: bool = True) -> None:
@@ -120,7 +112,7 @@ class Net:
         self._index: dict[str, dict[str, int]] = {}
 
     def raw(self, ns: str) -> Rtnl:
-        """The lean socket for bulk requests (rtnl.py), also one per namespace."""
+        """The lean socket for bulk requests (common/rtnl.py), also one per namespace."""
         s = self._raw.get(ns)
         if s is None:
             s = self._raw[ns] = Rtnl(ns)

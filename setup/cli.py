@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .spec import LabError, load_lab
+from kvmnet.common.lab import LabError, load_lab
 
 
 def _progress(quiet: bool):

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .spec import Guest, Lab, resolve_image
+from kvmnet.common.lab import Guest, Lab, resolve_image
 
 
 def hook(name: str) -> str:

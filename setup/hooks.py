@@ -17,13 +17,15 @@ import sys
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kvmnet.common import netns as nsmod
+
 from .state import find_tap
 
 
 def bridge_for(tap: str) -> str:
     if os.environ.get("KVMNET_BRIDGE"):
         return os.environ["KVMNET_BRIDGE"]
-    entry = find_tap(tap, os.stat("/proc/self/ns/net").st_ino)
+    entry = find_tap(tap, nsmod.inode_at("/proc/self/ns/net"))
     return entry["bridge"] if entry else "br0"
 
 

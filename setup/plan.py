@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from .spec import Lab
+from kvmnet.common.lab import Lab
 
 LIGHT_DEV = "eth0"  # a light guest's own end of its veth, inside its namespace
 NAT_TABLE = "kvmnet"

@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from kvmnet.common import netns as nsmod
+
 RUN_DIR = Path(os.environ.get("KVMNET_RUN_DIR", "/run/kvmnet"))
 
 
@@ -93,9 +95,6 @@ def find_tap(tap: str, netns_inode: int | None = None, root: Path | None = None)
     if len(found) > 1 and netns_inode is not None:
         for entry in found:
             path = f"/run/netns/{entry['netns']}" if entry.get("netns") else "/proc/1/ns/net"
-            try:
-                if os.stat(path).st_ino == netns_inode:
-                    return entry
-            except OSError:
-                continue
+            if nsmod.inode_at(path) == netns_inode:
+                return entry
     return found[0] if found else None

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pyroute2 import IPRoute
 
-from kvmnet.exporter.sources.netns import entered
+from kvmnet.common.netns import entered
 
 from .apply import guest_dir, netns_exists
-from .spec import Lab
+from kvmnet.common.lab import Lab
 
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 

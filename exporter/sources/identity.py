@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from .. import logs
-from . import netns as nsmod
+from kvmnet.common import netns as nsmod
 
 log = logging.getLogger("kvmnet.identity")
 
@@ -254,7 +254,7 @@ def tap_netns_inode(pid: int, fd: int) -> int | None:
         try:
             nsfd = fcntl.ioctl(tfd, TUNGETDEVNETNS)
             try:
-                return os.fstat(nsfd).st_ino
+                return nsmod.inode_of_fd(nsfd)
             finally:
                 os.close(nsfd)
         except OSError as exc:
@@ -278,10 +278,7 @@ def _read(path: str, mode: str = "r") -> str | bytes | None:
 
 
 def _ns_ino(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
+    return nsmod.inode_at(path)
 
 
 class GuestDirectory:

@@ -50,55 +50,30 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
-from . import netns as _netns
-from .netns import NetnsGone
+from kvmnet.common import netns as _netns
+from kvmnet.common import rtnl
+from kvmnet.common.netns import NetnsGone
+from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-exported for this module's users
+    IFF_LOWER_UP, IFF_UP, IFLA_ADDRESS, IFLA_BR_STP_STATE, IFLA_BRPORT_STATE, IFLA_CARRIER_CHANGES,
+    IFLA_EXT_MASK, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_INFO_SLAVE_DATA, IFLA_INFO_SLAVE_KIND,
+    IFLA_LINKINFO, IFLA_MASTER, IFLA_PROTINFO, IFLA_STATS_LINK_64, IFLA_TUN_TYPE, NDA_DST, NDA_LLADDR, NDA_MASTER,
+    NDA_VLAN, NETLINK_ADD_MEMBERSHIP, NETLINK_ROUTE, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_MULTI,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT, RTEXT_FILTER_SKIP_STATS,
+    RTM_DELLINK, RTM_DELNEIGH, RTM_GETLINK, RTM_GETNEIGH, RTM_GETSTATS, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWSTATS,
+    RTNLGRP_LINK, RTNLGRP_NEIGH, SOL_NETLINK, attr_spans as _attrs, error_code, iter_messages)
+from kvmnet.common.rtnl import (  # bridge internals: STP root and learning limit, xstats, qdiscs
+    BRIDGE_XSTATS_STP, IFLA_BR_BRIDGE_ID, IFLA_BR_FDB_MAX_LEARNED, IFLA_BR_FDB_N_LEARNED, IFLA_BR_ROOT_ID,
+    IFLA_BR_ROOT_PATH_COST, IFLA_BR_ROOT_PORT, IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED,
+    IFLA_STATS_LINK_XSTATS_SLAVE, IFLA_TXQLEN, LINK_XSTATS_TYPE_BRIDGE, RTM_GETQDISC, RTM_NEWQDISC, TC_H_ROOT,
+    TCA_KIND, TCA_STATS2, TCA_STATS_BASIC, TCA_STATS_PKT64, TCA_STATS_QUEUE)
 
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "BridgeInfo", "Port", "Counters", "FdbCounts", "Link",
-           "Neighbour", "StpCounters", "Qdisc",
-           "NetnsGone", "STP_STATES", "source_for", "fdb_learned", "neighbours"]
+           "Neighbour", "StpCounters", "Qdisc", "NetnsGone", "STP_STATES"]
 
-# <linux/netlink.h>
-NETLINK_ROUTE = 0
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x300
-SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
-NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
-# <linux/rtnetlink.h>
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
-RTM_NEWQDISC, RTM_GETQDISC = 36, 38
-RTM_NEWSTATS, RTM_GETSTATS = 92, 94
-RTNLGRP_LINK, RTNLGRP_NEIGH = 1, 3
-RTEXT_FILTER_SKIP_STATS = 1 << 3  # counters come from RTM_GETSTATS instead
-# <linux/if_link.h>
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 10, 12, 18
-IFLA_TXQLEN, IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 13, 29, 35
-IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
-IFLA_BR_STP_STATE = 5
-IFLA_BR_ROOT_ID, IFLA_BR_BRIDGE_ID, IFLA_BR_ROOT_PORT, IFLA_BR_ROOT_PATH_COST = 10, 11, 12, 13
-IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED = 14, 15
-# Kernel 6.8+ (after IFLA_BR_MCAST_QUERIER_STATE = 47; Debian's 6.1 headers stop there). Checked by behaviour on
-# this 6.18 kernel: setting 49 to N makes the bridge stop learning after N MACs and 48 counts them
-# (tests/netns/test_bridge_internals.py).
-IFLA_BR_FDB_N_LEARNED, IFLA_BR_FDB_MAX_LEARNED = 48, 49
-IFLA_BRPORT_STATE = 1
-IFLA_TUN_TYPE = 3
-IFLA_STATS_LINK_64, IFLA_STATS_LINK_XSTATS_SLAVE = 1, 3
-LINK_XSTATS_TYPE_BRIDGE = 1
-BRIDGE_XSTATS_STP = 4  # <linux/if_bridge.h>: struct bridge_stp_xstats, six __u64
-# <linux/rtnetlink.h>, <linux/pkt_sched.h>, <linux/gen_stats.h>
-TCA_KIND, TCA_STATS2 = 1, 7
-TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
-TC_H_ROOT = 0xFFFFFFFF
 # <linux/if_tun.h>
 IFF_TUN, IFF_TAP = 0x1, 0x2
-# <linux/if.h>
-IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
-# <linux/neighbour.h>
-NDA_DST, NDA_LLADDR, NDA_VLAN, NDA_MASTER = 1, 2, 5, 9
-NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
 # <linux/socket.h>
 AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
 
@@ -109,11 +84,11 @@ LOCAL, STATIC, LEARNED = 0, 1, 2
 
 log = logging.getLogger("kvmnet.netlink")
 
-_HDR = struct.Struct("=IHHII")         # nlmsghdr
-_IFI = struct.Struct("=BxHiII")        # ifinfomsg
+_HDR = rtnl.HDR
+_IFI = rtnl.IFI
 _NDM = struct.Struct("=BxxxiHBB")      # ndmsg
 _STATS_HDR = struct.Struct("=BxxxII")  # if_stats_msg
-_NLA = struct.Struct("=HH")
+_NLA = rtnl.NLA
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 _STATS8 = struct.Struct("=8Q")         # the first 8 fields of rtnl_link_stats64
@@ -256,31 +231,6 @@ class Neighbour(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure decoders: bytes in, plain values out (tested on recorded dumps in tests/unit/test_netlink_parse.py).
-
-def iter_messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
-    """(type, flags, seq, offset, end) of each netlink message in a receive buffer."""
-    off, n = 0, len(data)
-    unpack = _HDR.unpack_from
-    while off + 16 <= n:
-        length, typ, flags, seq, _pid = unpack(data, off)
-        if length < 16 or off + length > n:
-            break
-        yield typ, flags, seq, off, off + length
-        off += (length + 3) & ~3
-
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
-    """Top-level attributes as {type: (payload_start, payload_end)}."""
-    out = {}
-    unpack = _NLA.unpack_from
-    while off + 4 <= end:
-        alen, atype = unpack(data, off)
-        if alen < 4 or off + alen > end:
-            break
-        out[atype & NLA_TYPE_MASK] = (off + 4, off + alen)
-        off += (alen + 3) & ~3
-    return out
-
 
 def _mac(data: bytes, a: tuple[int, int] | None) -> str:
     if a is None:
@@ -685,7 +635,7 @@ RECV_SIZE = 1 << 17     # kernel dump skbs are ~32 kB here; never truncate one
 
 class NetlinkSource:
     """One watched namespace: a request socket and an event socket, opened inside it and kept across scrapes.
-    Thread-safe (one lock): collectors of the same namespace share one source (`source_for`)."""
+    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it: service.Service.source)."""
 
     def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0) -> None:
         self.netns = netns
@@ -885,32 +835,9 @@ class NetlinkSource:
                         chunks.append(data)
                     return chunks, intr
                 if typ == NLMSG_ERROR:
-                    err = -struct.unpack_from("=i", data, off + 16)[0]
+                    err = error_code(data, off)
                     if err:
                         raise OSError(err, f"netlink dump {self.netns!r}: {os.strerror(err)}")
                     return chunks, intr
             if keep:
                 chunks.append(data)
-
-
-_sources: dict[str, NetlinkSource] = {}
-_sources_lock = threading.Lock()
-
-
-def source_for(netns: str) -> NetlinkSource:
-    """The process-wide source of a namespace, so every collector and the prober share one pair of sockets."""
-    with _sources_lock:
-        src = _sources.get(netns)
-        if src is None:
-            src = _sources[netns] = NetlinkSource(netns)
-        return src
-
-
-def fdb_learned(netns: str) -> dict[str, list[str]]:
-    """{port device: learned MACs} in `netns` (DEVELOPING.md contract; the same as source.learned_macs_by_port())."""
-    return source_for(netns).learned_macs_by_port()
-
-
-def neighbours(netns: str) -> list[Neighbour]:
-    """IPv4/IPv6 neighbours with a MAC in `netns`."""
-    return source_for(netns).neighbours()

@@ -14,8 +14,10 @@ import time
 
 import pytest
 
-from kvmnet.exporter.collectors import guests
-from kvmnet.exporter.sources.icmp import Prober, Target, open_icmp_socket, ProbeUnavailable
+from kvmnet.exporter.prober import engine, targets as guests
+from kvmnet.exporter.prober.engine import Prober
+from kvmnet.exporter.prober.socket import ProbeUnavailable, open_icmp_socket
+from kvmnet.exporter.prober.targets import Target
 from tests.conftest import delete_netns, unique_name
 
 pytestmark = pytest.mark.netns
@@ -122,7 +124,7 @@ def test_without_cap_net_raw_one_line_from_a_real_unprivileged_process(lab):
     lb = lab(1)
     code = ("import asyncio,ipaddress,logging,sys\n"
             "logging.basicConfig(level=logging.WARNING,stream=sys.stdout,format='%(message)s')\n"
-            "from kvmnet.exporter.sources.icmp import Prober,Target\n"
+            "from kvmnet.exporter.prober.engine import Prober\nfrom kvmnet.exporter.prober.targets import Target\n"
             "async def m():\n"
             f" p=Prober(interval=0.1,timeout=0.3); p.set_targets([Target('g1',ipaddress.ip_address('10.200.1.1'),'{lb.host}')])\n"
             " await p.start(); await asyncio.sleep(1); socks=p.sockets(); await p.stop()\n"
@@ -359,7 +361,7 @@ async def test_probe_handler_on_demand(lab):
     from prometheus_client.parser import text_string_to_metric_families
 
     lb = lab(1)
-    gp = guests.GuestProber(Prober())
+    gp = engine.GuestProber(Prober())
     app = web.Application()
     app.router.add_get("/probe", gp.handle_probe)
     async with TestClient(TestServer(app)) as client:

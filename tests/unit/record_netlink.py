@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from kvmnet.exporter.sources import netlink as nl  # noqa: E402
-from kvmnet.exporter.sources import netns  # noqa: E402
+from kvmnet.common import netns  # noqa: E402
 
 DATA = HERE / "data"
 ODD = ['vm"2\\é', "x.y-z_0"]  # a quote, a backslash and UTF-8 are all legal in device names
@@ -66,7 +66,7 @@ def build(ns: str) -> int:
     ip(ns, "link", "set", "ve0p", "up")
     ip(ns, "link", "set", "br0", "up")
     ip(ns, "link", "set", "br1", "up")
-    from kvmnet.setup.rtnl import Rtnl
+    from kvmnet.common.rtnl import Rtnl
     r = Rtnl(ns)
     r.bridge_fdb_max_learned(r.links()["br0"][0], 64)
     r.close()

@@ -2,7 +2,7 @@
 import ipaddress
 from types import SimpleNamespace as NS
 
-from kvmnet.exporter.collectors import guests
+from kvmnet.exporter.prober import targets as guests
 from kvmnet.exporter.sources.netlink import Neighbour
 
 

@@ -4,7 +4,7 @@ import asyncio
 import socket
 import struct
 
-from kvmnet.exporter.sources import icmp
+from kvmnet.exporter.prober import socket as icmp  # its names: the socket and the packet code it uses
 
 
 def make(raw=True, family=socket.AF_INET):

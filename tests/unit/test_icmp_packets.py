@@ -5,7 +5,7 @@ import struct
 import pytest
 from icmplib.sockets import ICMPv4Socket, ICMPv6Socket
 
-from kvmnet.exporter.sources import icmp
+from kvmnet.exporter.prober import packets as icmp
 
 
 class _IcmplibBuilder:

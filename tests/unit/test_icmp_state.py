@@ -5,10 +5,13 @@ from types import SimpleNamespace
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmnet.exporter.collectors.guests import GuestCollector, _budget
+from kvmnet.exporter.collectors.probe import GuestCollector
 from kvmnet.exporter.exposition import render
-from kvmnet.exporter.sources import icmp
-from kvmnet.exporter.sources.icmp import BUCKETS, GuestState, Prober, Target
+from kvmnet.exporter.prober import state as icmp
+from kvmnet.exporter.prober.engine import Prober
+from kvmnet.exporter.prober.http import _budget
+from kvmnet.exporter.prober.state import BUCKETS, GuestState
+from kvmnet.exporter.prober.targets import Target
 
 
 def T(name, addr, netns="ns", **kw):

@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmnet.exporter.collectors import internals
-from kvmnet.exporter.collectors.bridges import bridge_families, fdb_families, _filter
+from kvmnet.exporter.collectors.bridge import (_filter, _Prefixes, bridge_families, bridge_stp_families,
+                                               mac_conflict_family, port_families)
+from kvmnet.exporter.collectors.fdb import fdb_families, fdb_internal_families
 from kvmnet.exporter.exposition import render
 from kvmnet.exporter.sources import netlink as nl
 
@@ -192,10 +193,10 @@ def _render_golden() -> bytes:
               "vm1": SimpleNamespace(name="vm-one", mac="0A:00:00:00:00:05")}
     links = nl.links_from_dump(chunks("links"))
     snap = snapshot(links, moves={links_by_name(links)["vm1"]: 3})
-    p = internals._Prefixes()
-    return render(bridge_families(snap, guests) + fdb_families(snap) + internals.port_families(snap, lambda _n: True, p)
-                  + internals.bridge_stp_families(snap) + [internals.mac_conflict_family(snap, guests)]
-                  + internals.fdb_internal_families(snap, lambda _n: True, internals._Prefixes()))
+    every = lambda _n: True  # noqa: E731
+    return render(bridge_families(snap, guests) + fdb_families(snap) + port_families(snap, every, _Prefixes())
+                  + bridge_stp_families(snap) + [mac_conflict_family(snap, guests)]
+                  + fdb_internal_families(snap, every, _Prefixes()))
 
 
 def links_by_name(links) -> dict[str, int]:
@@ -250,7 +251,7 @@ def test_include_exclude():
 
 
 def test_rows_cache_is_reused_and_pruned():
-    from kvmnet.exporter.collectors.bridges import _Rows
+    from kvmnet.exporter.collectors.bridge import _Rows
     rows = _Rows()
     snap = snapshot()
     a = render(bridge_families(snap, rows=rows))

@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from kvmnet.setup.plan import Link, Observed, Refused, plan
-from kvmnet.setup.spec import parse_lab
+from kvmnet.common.lab import parse_lab
 
 LAB = {
     "name": "p",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvmnet.setup.spec import LabError, default_mac, load_lab, parse_lab
+from kvmnet.common.lab import LabError, default_mac, load_lab, parse_lab
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -1,9 +1,7 @@
-"""Bridges and their ports: counters, carrier, STP state, FDB sizes and the tap -> guest mapping.
+"""--collector.bridge: bridges and their ports: counters, carrier, STP state and the tap -> guest mapping.
 
-Two collectors over one shared `NetlinkSource` per namespace, so operators can drop the FDB part
-(`--no-collector.fdb`): without it the source never subscribes to or dumps the FDB.
-
-`bridge` (BridgeCollector):
+This and collectors/fdb.py read one `NetlinkSource` per namespace (the service owns it), so operators can drop the
+FDB part (`--no-collector.fdb`): without it the source never subscribes to or dumps the FDB.
 
     # HELP kvmnet_port_transmit_bytes_total Bytes the host sent out of this bridge port. Host's view: a tap's transmit is its guest's receive.
     # TYPE kvmnet_port_transmit_bytes_total counter
@@ -14,14 +12,20 @@ Two collectors over one shared `NetlinkSource` per namespace, so operators can d
     kvmnet_bridge_ports{netns="lab",bridge="br0"} 2
     kvmnet_bridge_info{netns="lab",bridge="br0",mac="..",stp="true"} 1
 
-`fdb` (FdbCollector):
+Bridge internals (the kernel's own view of trouble):
 
-    kvmnet_port_fdb_entries{netns="lab",bridge="br0",device="vm1eth0",type="learned"} 1
-    kvmnet_bridge_fdb_entries{netns="lab",bridge="br0",type="local"} 3
+    kvmnet_port_transmit_queue_length{netns="lab",bridge="br0",device="vm1eth0"} 1000
+    kvmnet_port_stp_transitions_total{netns="lab",bridge="br0",device="vm1eth0",to="blocking"} 0
+    kvmnet_port_stp_bpdus_total{netns="lab",bridge="br0",device="vm1eth0",direction="receive"} 0   (+ tcns)
+    kvmnet_port_qdisc_drops_total{netns="lab",bridge="br0",device="vm1eth0"} 0   (+ overlimits, requeues)
+    kvmnet_port_qdisc_backlog_bytes{netns="lab",bridge="br0",device="vm1eth0"} 0 (+ backlog_packets)
+    kvmnet_bridge_stp_root_info{netns="lab",bridge="br0",root_id="8000.0ae84fc56a16",bridge_id="8000.0ae84fc56a16"} 1
+    kvmnet_bridge_stp_root_port{netns="lab",bridge="br0"} 0   (+ root_path_cost, topology_change)
+    kvmnet_guest_mac_conflict{netns="lab",bridge="br0",device="vm2eth0",guest="vm2",mac="0a:.."} 2   (conflicts only)
 
 Samples come sorted by bridge, then device (the snapshot's order), so output is stable. `include`/`exclude`
 (`--device.include/exclude`) are searched (re.search) in bridge port names only; bridges are always reported, and
-kvmnet_bridge_ports and kvmnet_bridge_fdb_entries always count every port.
+kvmnet_bridge_ports always counts every port.
 """
 from __future__ import annotations
 
@@ -30,12 +34,11 @@ import re
 from typing import Callable, Iterable
 
 from ..exposition import MetricFamily, labels, with_label
-from . import internals
-from ..sources.netlink import FDB_TYPES, STP_STATES, BridgeSnapshot, Counters, NetlinkSource, source_for
+from ..sources.netlink import STP_STATES, BridgeSnapshot, Counters, NetlinkSource
 
 FIELDS = Counters._fields
 
-log = logging.getLogger("kvmnet.collectors.bridges")
+log = logging.getLogger("kvmnet.collectors.bridges")  # the name the logs have always had
 
 _HOST_VIEW = "Host's view: a tap's transmit is its guest's receive."
 # (field of Counters, direction, unit): the order of the families in the output.
@@ -171,43 +174,126 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
     return port_c + [up, flaps, stp, info] + br_c + [br_up, br_ports, br_info]
 
 
-def fdb_families(snap: BridgeSnapshot, keep: Callable[[str], bool] = lambda _n: True,
-                 cache: dict | None = None) -> list[MetricFamily]:
-    """Render FDB sizes; `cache` keeps the three rendered prefixes per device across scrapes."""
-    port = MetricFamily("kvmnet_port_fdb_entries", "gauge",
-                        "Bridge FDB entries on this port by type: local (the port's own addresses, permanent), "
-                        "static (added by an operator) and learned (dynamic).")
-    bridge = MetricFamily("kvmnet_bridge_fdb_entries", "gauge",
-                          "Bridge FDB entries by type (local, static, learned), all ports and the bridge itself.")
-    cache = cache if cache is not None else {}
-    ns = snap.netns
-    seen = set()
+# -- bridge internals: tap queues, STP counters and root, guests sharing a MAC -----------------------------------
 
-    def prefixes(metric: str, bridge_name: str, device: str | None) -> tuple[str, ...]:
-        key = (metric, ns, bridge_name, device)
-        seen.add(key)
-        row = cache.get(key)
+_QDISC = (  # (Qdisc field, metric suffix, kind, help)
+    ("drops", "drops_total", "counter",
+     "Packets the port's root qdisc dropped (TCA_STATS_QUEUE): a shaped tap over its rate, or a guest that does "
+     "not drain its queue."),
+    ("overlimits", "overlimits_total", "counter",
+     "Times the port's root qdisc held back a packet because a rate limit (tbf, htb, ...) was reached."),
+    ("requeues", "requeues_total", "counter",
+     "Packets the port's root qdisc requeued because the device was busy."),
+    ("backlog", "backlog_bytes", "gauge", "Bytes waiting in the port's root qdisc now."),
+    ("qlen", "backlog_packets", "gauge", "Packets waiting in the port's root qdisc now."),
+)
+_STP = (  # (StpCounters field, family index, label value)
+    ("transition_blk", 0, "blocking"), ("transition_fwd", 0, "forwarding"),
+    ("rx_bpdu", 1, "receive"), ("tx_bpdu", 1, "transmit"),
+    ("rx_tcn", 2, "receive"), ("tx_tcn", 2, "transmit"),
+)
+
+
+class _Prefixes:
+    """Rendered `name{labels} ` prefixes per (kind, netns, bridge, device), pruned to what the last scrape saw."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, tuple[str, ...]] = {}
+        self.seen: set = set()
+
+    def get(self, key: tuple, make: Callable[[], tuple[str, ...]]) -> tuple[str, ...]:
+        self.seen.add(key)
+        row = self.rows.get(key)
         if row is None:
-            base = labels(netns=ns, bridge=bridge_name) if device is None else labels(netns=ns, bridge=bridge_name,
-                                                                                          device=device)
-            row = tuple(f"{metric}{with_label(base, 'type', t)} " for t in FDB_TYPES)
-            cache[key] = row
+            row = self.rows[key] = make()
         return row
 
+    def prune(self) -> None:
+        if len(self.rows) > len(self.seen):
+            self.rows = {k: v for k, v in self.rows.items() if k in self.seen}
+        self.seen = set()
+
+
+def port_families(snap: BridgeSnapshot, keep: Callable[[str], bool], cache: _Prefixes) -> list[MetricFamily]:
+    """Transmit queue length, STP xstats and root qdisc counters of every (kept) bridge port."""
+    txq = MetricFamily("kvmnet_port_transmit_queue_length", "gauge",
+                       "Transmit queue length of the port in packets (IFLA_TXQLEN): how much the host queues "
+                       "towards a guest before its qdisc drops.")
+    stp = [MetricFamily("kvmnet_port_stp_transitions_total", "counter",
+                        "STP state transitions of the port into blocking and into forwarding (bridge xstats)."),
+           MetricFamily("kvmnet_port_stp_bpdus_total", "counter",
+                        "STP BPDUs the bridge received on and sent out of this port (bridge xstats)."),
+           MetricFamily("kvmnet_port_stp_tcns_total", "counter",
+                        "STP topology change notifications received on and sent out of this port (bridge xstats).")]
+    qd = [MetricFamily(f"kvmnet_port_qdisc_{suffix}", kind, help) for _f, suffix, kind, help in _QDISC]
+    ns = snap.netns
     for br in snap.bridges:
-        if br.fdb is not None:
-            pre = prefixes(bridge.name, br.name, None)
-            f = br.fdb
-            bridge.lines += (pre[0] + str(f.local), pre[1] + str(f.static), pre[2] + str(f.learned))
         for p in br.ports:
-            if keep(p.name) and p.fdb is not None:
-                pre = prefixes(port.name, br.name, p.name)
-                f = p.fdb
-                port.lines += (pre[0] + str(f.local), pre[1] + str(f.static), pre[2] + str(f.learned))
-    if len(cache) > len(seen):
-        for k in [k for k in cache if k not in seen]:
-            del cache[k]
-    return [port, bridge]
+            if not keep(p.name):
+                continue
+
+            def make(bridge=br.name, device=p.name) -> tuple[str, ...]:
+                pl = labels(netns=ns, bridge=bridge, device=device)
+                keys = ("to", "direction", "direction")
+                return ((f"kvmnet_port_transmit_queue_length{pl} ",)
+                        + tuple(f"{stp[i].name}{with_label(pl, keys[i], v)} " for _f, i, v in _STP)
+                        + tuple(f"kvmnet_port_qdisc_{suffix}{pl} " for _f, suffix, _k, _h in _QDISC))
+
+            row = cache.get((ns, br.name, p.name), make)
+            txq.lines.append(row[0] + str(p.txqlen))
+            if p.stp is not None:
+                for j, (_f, i, _v) in enumerate(_STP):
+                    stp[i].lines.append(row[1 + j] + str(p.stp[j]))
+            if p.qdisc is not None:
+                q = p.qdisc
+                for j, (f, _s, _k, _h) in enumerate(_QDISC):
+                    qd[j].lines.append(row[7 + j] + str(getattr(q, f)))
+    return [txq, *stp, *qd]
+
+
+def bridge_stp_families(snap: BridgeSnapshot) -> list[MetricFamily]:
+    """The bridge's view of the spanning tree: who is root, through which port, at what cost."""
+    info = MetricFamily("kvmnet_bridge_stp_root_info", "gauge",
+                        "The STP root bridge as this bridge sees it (IFLA_BR_ROOT_ID, priority.MAC) and this "
+                        "bridge's own id; root_id == bridge_id when this bridge is the root (always without STP).")
+    port = MetricFamily("kvmnet_bridge_stp_root_port", "gauge",
+                        "Port number of the bridge's root port (IFLA_BR_ROOT_PORT); 0 when it is the root itself.")
+    cost = MetricFamily("kvmnet_bridge_stp_root_path_cost", "gauge",
+                        "STP path cost from this bridge to the root (IFLA_BR_ROOT_PATH_COST).")
+    tc = MetricFamily("kvmnet_bridge_stp_topology_change", "gauge",
+                      "1 while the bridge is in STP topology change (IFLA_BR_TOPOLOGY_CHANGE): forwarding tables "
+                      "age out fast and frames flood.")
+    ns = snap.netns
+    for br in snap.bridges:
+        i = br.info
+        bl = labels(netns=ns, bridge=br.name)
+        info.add(labels(netns=ns, bridge=br.name, root_id=i.root_id, bridge_id=i.bridge_id), 1)
+        port.add(bl, i.root_port)
+        cost.add(bl, i.root_path_cost)
+        tc.add(bl, i.topology_change)
+    return [info, port, cost, tc]
+
+
+def mac_conflict_family(snap: BridgeSnapshot, guests: dict) -> MetricFamily:
+    """Guests on one bridge configured (QEMU, libvirt, lab file) with the same MAC: each of them gets a sample, the
+    value is how many guests share the MAC. No sample without a conflict."""
+    fam = MetricFamily("kvmnet_guest_mac_conflict", "gauge",
+                       "Guests on this bridge configured with the same MAC as this guest, itself included (from the "
+                       "guests' identity: QEMU command line, libvirt XML, lab file). Present only when >= 2.")
+    ns = snap.netns
+    for br in snap.bridges:
+        by_mac: dict[str, list] = {}
+        for p in br.ports:
+            g = guests.get(p.name)
+            mac = getattr(g, "mac", "") if g is not None else ""
+            if mac:
+                by_mac.setdefault(mac.lower(), []).append((p.name, g.name))
+        for mac, who in sorted(by_mac.items()):
+            if len(who) < 2:
+                continue
+            for device, name in who:
+                fam.add(labels(netns=ns, bridge=br.name, device=device, guest=name, mac=mac), len(who))
+    return fam
 
 
 class BridgeCollector:
@@ -220,9 +306,9 @@ class BridgeCollector:
         self.netns = netns
         self.identity = identity
         self.keep = _filter(include, exclude)
-        self.source = source if source is not None else source_for(netns)
+        self.source = source if source is not None else NetlinkSource(netns)  # normally the service's
         self._rows = _Rows()
-        self._internals = internals._Prefixes()
+        self._internals = _Prefixes()
 
     def collect(self) -> Iterable[MetricFamily]:
         snap = self.source.snapshot(fdb=False)
@@ -237,36 +323,13 @@ class BridgeCollector:
                                "topology and FDB are kept current from netlink events.")
         resyncs.add(labels(netns=self.netns), self.source.resyncs)
         out = bridge_families(snap, guests, self.keep, self._rows)
-        out += internals.port_families(snap, self.keep, self._internals) + internals.bridge_stp_families(snap)
-        out.append(internals.mac_conflict_family(snap, guests))
+        out += port_families(snap, self.keep, self._internals) + bridge_stp_families(snap)
+        out.append(mac_conflict_family(snap, guests))
         self._internals.prune()
         return out + [resyncs]
 
     def close(self) -> None:
-        """Drop the namespace's sockets (shared with the fdb collector and the prober: they reopen on next use).
+        """Drop the namespace's sockets (the service's source, shared with the fdb collector and the prober's
+        discovery: it reopens on next use).
         Call it when the namespace is gone, so dead namespaces are not kept alive by our sockets."""
-        self.source.close()
-
-
-class FdbCollector:
-    """kvmnet_port_fdb_entries and kvmnet_bridge_fdb_entries of one namespace."""
-
-    name = "fdb"
-
-    def __init__(self, netns: str, include: re.Pattern | None = None, exclude: re.Pattern | None = None,
-                 source: NetlinkSource | None = None) -> None:
-        self.netns = netns
-        self.keep = _filter(include, exclude)
-        self.source = source if source is not None else source_for(netns)
-        self._cache: dict = {}
-        self._internals = internals._Prefixes()
-
-    def collect(self) -> Iterable[MetricFamily]:
-        snap = self.source.snapshot(stats=False)
-        out = fdb_families(snap, self.keep, self._cache) + internals.fdb_internal_families(snap, self.keep,
-                                                                                            self._internals)
-        self._internals.prune()
-        return out
-
-    def close(self) -> None:
         self.source.close()

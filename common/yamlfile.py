@@ -1,6 +1,6 @@
 """YAML files written by people: read them, and turn validation errors into one line that names the field.
 
-Shared by the lab file (`spec.py`) and the exporter's config (`kvmnet.exporter.config`), so an operator sees the
+Shared by the lab file (`common/lab.py`) and the exporter's config (`kvmnet.exporter.config`), so an operator sees the
 same shape of error from both tools:
 
     guests[1].mac: not a MAC address: '0a:zz'

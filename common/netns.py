@@ -28,15 +28,37 @@ def path(name: str) -> str:
     return "/proc/self/ns/net" if not name else os.path.join(NETNS_RUN_DIR, name)
 
 
+# Namespace identity, the one check everyone uses: the nsfs inode behind a /run/netns bind mount, /proc/PID/ns/net
+# or a namespace fd. All network namespaces live on the one nsfs, so the inode alone tells two apart.
+
 def inode(name: str) -> int:
-    """The namespace's identity (its nsfs inode), comparable with `os.stat('/proc/PID/ns/net').st_ino`."""
+    """The identity of named namespace `name` ("" = ours). Raises NetnsGone when it does not exist."""
     try:
         return os.stat(path(name)).st_ino
     except FileNotFoundError:
         raise NetnsGone(f"network namespace {name!r} does not exist") from None
 
 
-def _setns(fd: int) -> None:
+def inode_at(ns_path: str) -> int | None:
+    """The identity of the namespace at a path (/run/netns/NAME, /proc/PID/ns/net), or None if unreadable."""
+    try:
+        return os.stat(ns_path).st_ino
+    except OSError:
+        return None
+
+
+def inode_of_fd(fd: int) -> int:
+    """The identity of the namespace an open namespace fd refers to."""
+    return os.fstat(fd).st_ino
+
+
+def pid_inode(pid: int | str) -> int | None:
+    """The identity of the network namespace process `pid` lives in, or None (gone, not permitted)."""
+    return inode_at(f"/proc/{pid}/ns/net")
+
+
+def setns(fd: int) -> None:
+    """Move this thread into the network namespace open at `fd` (no creation, unlike pyroute2's)."""
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
@@ -54,11 +76,11 @@ def entered(name: str) -> Iterator[None]:
         raise NetnsGone(f"network namespace {name!r} does not exist") from None
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(target)
+        setns(target)
         try:
             yield
         finally:
-            _setns(home)
+            setns(home)
     finally:
         os.close(target)
         os.close(home)

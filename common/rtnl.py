@@ -1,10 +1,13 @@
-"""A minimal rtnetlink request socket for the bulk path of `up`: set a link's master/up, add an address, create a
-light guest's veth. pyroute2 does everything else (observing, bridges, routes).
+"""THE rtnetlink codec of kvmnet: constants, message header and attribute packing/iteration, shared by the exporter's
+hot path (exporter/sources/netlink.py decodes its specific messages with these) and by setup; and `Rtnl`, a minimal
+request socket for the bulk path of `up`: set a link's master/up, add an address, create a light guest's veth.
+pyroute2 does everything else in setup (observing, bridges, routes).
 
 Why not pyroute2 here: a request through its asyncio core costs ~0.8 ms of Python (encode, event loop, decode of
 the ACK); a light guest needs four requests and a 300-port lab ~600, which alone would put `up` over twice
 `ip -batch`. Packing the few message shapes with struct costs ~20 us each. Layouts are <linux/netlink.h>,
-<linux/rtnetlink.h>, <linux/if_link.h> and <linux/veth.h>.
+<linux/rtnetlink.h>, <linux/if_link.h>, <linux/neighbour.h> and <linux/veth.h>:
+https://github.com/torvalds/linux/blob/master/include/uapi/linux/{netlink,rtnetlink,if_link,neighbour,veth}.h
 """
 from __future__ import annotations
 
@@ -13,28 +16,115 @@ import ipaddress
 import os
 import socket
 import struct
+from typing import Iterator
 
-from kvmnet.exporter.sources.netns import entered
+from kvmnet.common.netns import entered
 
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-NLMSG_ERROR, NLMSG_DONE, NLM_F_DUMP = 2, 3, 0x300
-RTM_NEWLINK, RTM_GETLINK, RTM_NEWADDR, RTM_GETADDR = 16, 18, 20, 22
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 10, 18, 28
-IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
-VETH_INFO_PEER = 1
-IFLA_BR_FDB_MAX_LEARNED = 49  # kernel 6.8+, after IFLA_BR_FDB_N_LEARNED = 48
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-IFF_UP = 1
+# <linux/netlink.h>
+NETLINK_ROUTE = 0
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP_INTR = 0x1, 0x2, 0x4, 0x10
+NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x200, 0x400, 0x300
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED / NLA_F_NET_BYTEORDER
+# <linux/rtnetlink.h>
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_NEWSTATS, RTM_GETSTATS = 92, 94
+RTNLGRP_LINK, RTNLGRP_NEIGH = 1, 3
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+# <linux/if_link.h>
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 10, 12, 18
+IFLA_NET_NS_FD, IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 28, 29, 35
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_TXQLEN = 13
+IFLA_BR_STP_STATE = 5
+IFLA_BR_ROOT_ID, IFLA_BR_BRIDGE_ID, IFLA_BR_ROOT_PORT, IFLA_BR_ROOT_PATH_COST = 10, 11, 12, 13
+IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED = 14, 15
+# Kernel 6.8+ (after IFLA_BR_MCAST_QUERIER_STATE = 47; Debian's 6.1 headers stop there). Checked by behaviour on
+# this 6.18 kernel: setting 49 to N makes the bridge stop learning after N MACs and 48 counts them
+# (tests/netns/test_bridge_internals.py).
+IFLA_BR_FDB_N_LEARNED, IFLA_BR_FDB_MAX_LEARNED = 48, 49
+IFLA_BRPORT_STATE = 1
+IFLA_TUN_TYPE = 3
+IFLA_STATS_LINK_64, IFLA_STATS_LINK_XSTATS_SLAVE = 1, 3
+LINK_XSTATS_TYPE_BRIDGE = 1
+BRIDGE_XSTATS_STP = 4  # <linux/if_bridge.h>: struct bridge_stp_xstats, six __u64
+# <linux/rtnetlink.h>, <linux/pkt_sched.h>, <linux/gen_stats.h>
+RTM_NEWQDISC, RTM_GETQDISC = 36, 38
+TCA_KIND, TCA_STATS2 = 1, 7
+TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
+TC_H_ROOT = 0xFFFFFFFF
+VETH_INFO_PEER = 1  # <linux/veth.h>
+IFA_ADDRESS, IFA_LOCAL = 1, 2  # <linux/if_addr.h>
+# <linux/if.h>
+IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
+# <linux/neighbour.h>
+NDA_DST, NDA_LLADDR, NDA_VLAN, NDA_MASTER = 1, 2, 5, 9
+NUD_INCOMPLETE, NUD_FAILED, NUD_NOARP, NUD_PERMANENT = 0x01, 0x20, 0x40, 0x80
+
+HDR = struct.Struct("=IHHII")   # nlmsghdr
+NLA = struct.Struct("=HH")      # nlattr
+IFI = struct.Struct("=BxHiII")  # ifinfomsg
 
 
-def _attr(kind: int, data: bytes) -> bytes:
+# ---------------------------------------------------------------------------------------------------------------
+# Messages and attributes. Hot path: the exporter decodes every scrape's dumps through these two loops.
+
+def iter_messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type, flags, seq, offset, end) of each netlink message in a receive buffer."""
+    off, n = 0, len(data)
+    unpack = HDR.unpack_from
+    while off + 16 <= n:
+        length, typ, flags, seq, _pid = unpack(data, off)
+        if length < 16 or off + length > n:
+            break
+        yield typ, flags, seq, off, off + length
+        off += (length + 3) & ~3
+
+
+def attr_spans(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """Attributes between off and end as {type: (payload_start, payload_end)}: no copies."""
+    out = {}
+    unpack = NLA.unpack_from
+    while off + 4 <= end:
+        alen, atype = unpack(data, off)
+        if alen < 4 or off + alen > end:
+            break
+        out[atype & NLA_TYPE_MASK] = (off + 4, off + alen)
+        off += (alen + 3) & ~3
+    return out
+
+
+def attrs(data: bytes, off: int = 0) -> dict[int, bytes]:
+    """Attributes from off to the end of data as {type: payload bytes} (the convenient, copying form)."""
+    return {k: data[s:e] for k, (s, e) in attr_spans(data, off, len(data)).items()}
+
+
+def pack_attr(kind: int, data: bytes) -> bytes:
     n = 4 + len(data)
-    return struct.pack("HH", n, kind) + data + b"\0" * ((4 - n % 4) % 4)
+    return NLA.pack(n, kind) + data + b"\0" * ((4 - n % 4) % 4)
+
+
+def pack_message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
+    return HDR.pack(16 + len(body), msg_type, flags, seq, 0) + body
+
+
+def error_code(data: bytes, off: int) -> int:
+    """The errno of an NLMSG_ERROR message at off (0 = an ACK)."""
+    return -struct.unpack_from("=i", data, off + 16)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup's request socket.
+
+_attr = pack_attr
 
 
 def _ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
-    return struct.pack("BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
+    return IFI.pack(socket.AF_UNSPEC, 0, index, flags, change)
 
 
 def _name(name: str) -> bytes:
@@ -64,48 +154,32 @@ class Rtnl:
     def request(self, msg_type: int, flags: int, body: bytes) -> None:
         """Send one request and wait for its ACK; a kernel error raises NetlinkError(errno)."""
         self.seq += 1
-        self.sock.send(struct.pack("IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, self.seq, 0)
-                       + body)
+        self.sock.send(pack_message(msg_type, NLM_F_REQUEST | NLM_F_ACK | flags, self.seq, body))
         while True:
             data = self.sock.recv(65536)
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, _, seq, _ = struct.unpack_from("IHHII", data, off)
+            for kind, _, seq, off, _ in iter_messages(data):
                 if kind == NLMSG_ERROR and seq == self.seq:
-                    code = -struct.unpack_from("i", data, off + 16)[0]
+                    code = error_code(data, off)
                     if code:
                         raise NetlinkError(code, os.strerror(code))
                     return
-                off += (length + 3) & ~3
 
     def _dump(self, msg_type: int, body: bytes):
         """Yield (type, payload) of every message in a dump."""
         self.seq += 1
-        self.sock.send(struct.pack("IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + body)
+        self.sock.send(pack_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, self.seq, body))
         while True:
             data = self.sock.recv(1 << 20)
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, _, seq, _ = struct.unpack_from("IHHII", data, off)
+            for kind, _, seq, off, end in iter_messages(data):
                 if seq == self.seq:
                     if kind == NLMSG_DONE:
                         return
                     if kind == NLMSG_ERROR:
-                        code = -struct.unpack_from("i", data, off + 16)[0]
+                        code = error_code(data, off)
                         raise NetlinkError(code, os.strerror(code))
-                    yield kind, data[off + 16:off + length]
-                off += (length + 3) & ~3
+                    yield kind, data[off + 16:end]
 
-    @staticmethod
-    def _attrs(data: bytes, off: int) -> dict[int, bytes]:
-        out = {}
-        while off + 4 <= len(data):
-            n, kind = struct.unpack_from("HH", data, off)
-            if n < 4:
-                break
-            out[kind & 0x3FFF] = data[off + 4:off + n]
-            off += (n + 3) & ~3
-        return out
+    _attrs = staticmethod(attrs)
 
     def links(self) -> dict[str, tuple[int, int]]:
         """name -> (ifindex, flags)."""

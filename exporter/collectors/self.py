@@ -1,0 +1,44 @@
+"""The exporter's own metrics: kvmnet_build_info, the reload status, process_* (always on, no flag).
+
+A private client_python registry, rendered with `generate_latest` and appended to each scrape by web.py.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from .. import __version__
+
+
+class _BuildInfo:
+    def collect(self):
+        g = GaugeMetricFamily("kvmnet_build_info", "kvmnet's version and the Python it runs on; always 1.",
+                              labels=["version", "python"])
+        g.add_metric([__version__, platform.python_version()], 1)
+        yield g
+
+
+class SelfMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_BuildInfo())
+        ProcessCollector(registry=self.registry)
+        self.reload_ok = Gauge("kvmnet_config_last_reload_successful",
+                               "Whether the last configuration reload attempt was successful.",
+                               registry=self.registry)
+        self.reload_ts = Gauge("kvmnet_config_last_reload_success_timestamp_seconds",
+                               "Timestamp of the last successful configuration reload.", registry=self.registry)
+        self.reload_succeeded()
+
+    def reload_succeeded(self) -> None:
+        self.reload_ok.set(1)
+        self.reload_ts.set(time.time())
+
+    def reload_failed(self) -> None:
+        self.reload_ok.set(0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

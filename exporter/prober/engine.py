@@ -1,0 +1,391 @@
+"""The prober engine: `Prober`, the asyncio loop that sends every target's echo requests on the shared sockets and
+answers on-demand probes; and `GuestProber`, its lifecycle in the service (targets from config, lab and discovery;
+start, reconfigure on reload, stop).
+
+Scheduling: targets are sent in a fixed order, spread evenly over the interval, in batches at most every 10 ms
+(a 1000-guest, 1 s interval run wakes 100 times a second, not 1000). A probe is lost when no reply arrived within
+`timeout`; a guest is down after `down_after` consecutive lost probes. Send errors (no route, namespace gone)
+count as requests, as send errors and as lost probes: the guest is unreachable from here either way.
+
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from kvmnet.common import netns as nsmod
+from kvmnet.common.logfmt import fmt
+
+from .packets import FAMILY_NAME, PAYLOAD_SIZE
+from .socket import IcmpSocket, _Pending
+from .state import GuestState
+from .targets import DISCOVER_EVERY, Discovery, Target
+
+log = logging.getLogger("kvmnet.icmp")
+
+RETRY_OPEN = 1.0  # seconds before trying again to open a socket that failed (namespace gone, not permitted)
+TICK = 0.01  # the finest batch spacing of sends, seconds
+
+
+class Prober:
+    """Background ICMP probing of a replaceable list of targets.
+
+        prober = Prober(interval=1.0, timeout=1.0, down_after=3)
+        prober.set_targets([Target("vm1", ip_address("10.0.0.11"), "lab-host")])
+        await prober.start(); ...; prober.snapshot(); ...; await prober.stop()
+    """
+
+    def __init__(self, interval: float = 1.0, timeout: float = 1.0, down_after: int = 3, mode: str = "auto",
+                 payload_size: int = PAYLOAD_SIZE, tx_timestamps: bool = True,
+                 socket_factory: Callable[..., Any] = IcmpSocket) -> None:
+        self.socket_factory = socket_factory  # IcmpSocket's signature; tests inject fakes
+        self.interval = float(interval)
+        self.timeout = float(timeout)
+        self.down_after = int(down_after)
+        self.mode = mode
+        self.payload_size = payload_size
+        self.tx_timestamps = tx_timestamps
+        self.lock = threading.Lock()  # guards `states` and their counters against the scrape threads
+        self.states: dict[tuple[str, str], GuestState] = {}
+        self._order: list[GuestState] = []
+        self._sockets: dict[tuple[str, int], IcmpSocket] = {}
+        self._unavailable: dict[tuple[str, int], str] = {}  # (netns, family) -> why; logged once
+        self._retry_at: dict[tuple[str, int], float] = {}  # (netns, family) -> loop time to try opening again
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self.sources: dict[str, list[Target]] = {}  # "static", "discovery": merged in that order of precedence
+
+    # -- targets -------------------------------------------------------------------------------------------------
+    def set_targets(self, targets: Iterable[Any], source: str = "static") -> None:
+        """Replace the targets of one source; counters of targets that stay (same netns and name) are kept."""
+        self.sources[source] = [Target.of(t) for t in targets]
+        self._merge()
+
+    def _merge(self) -> None:
+        chosen: dict[tuple[str, str], Target] = {}
+        addrs: set[tuple[str, str]] = set()
+        for source in sorted(self.sources, key=lambda s: (s != "static", s)):
+            for t in self.sources[source]:
+                akey = (t.netns, str(t.address))
+                if t.key in chosen or akey in addrs:
+                    continue  # first one wins: config over lab over discovery
+                chosen[t.key] = t
+                addrs.add(akey)
+        with self.lock:
+            states = {}
+            for key, t in chosen.items():
+                st = self.states.get(key)
+                if st is None:
+                    st = GuestState(t)
+                elif st.target != t:
+                    st.retarget(t)
+                states[key] = st
+            self.states = states
+            # Interleave namespaces so a namespace's sends are spread over the interval too.
+            self._order = sorted(states.values(), key=lambda s: (s.target.netns, s.target.name))
+        self._wake.set()
+
+    def targets(self) -> list[Target]:
+        with self.lock:
+            return [s.target for s in self._order]
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="kvmnet-prober")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for s in self._sockets.values():
+            s.close()
+        self._sockets.clear()
+
+    # -- sockets -------------------------------------------------------------------------------------------------
+    def socket_for(self, netns: str, family: int) -> IcmpSocket | None:
+        """The open socket for (netns, family), opening it if needed; None when it cannot be had (logged once)."""
+        key = (netns, family)
+        s = self._sockets.get(key)
+        if s is not None:
+            return s
+        loop = self._loop or asyncio.get_running_loop()
+        if loop.time() < self._retry_at.get(key, 0.0):
+            return None  # failed a moment ago: not one setns + two socket() calls per target per cycle
+        try:
+            s = self.socket_factory(netns, family, self._loop or asyncio.get_running_loop(), self._on_result,
+                                    self.mode, self.payload_size, self.tx_timestamps)
+        except nsmod.NetnsGone as exc:
+            self._retry_at[key] = loop.time() + RETRY_OPEN
+            self._note_unavailable(key, "netns_gone", str(exc))
+            return None
+        except OSError as exc:
+            self._retry_at[key] = loop.time() + RETRY_OPEN
+            self._note_unavailable(key, "probe_socket_failed", str(exc))
+            return None
+        self._retry_at.pop(key, None)
+        self._sockets[key] = s
+        if key in self._unavailable:
+            del self._unavailable[key]
+            _event("probe_socket_opened", netns=netns, family=FAMILY_NAME[family], mode=s.mode, again="true")
+        else:
+            _event("probe_socket_opened", logging.DEBUG, netns=netns, family=FAMILY_NAME[family], mode=s.mode)
+        return s
+
+    def _note_unavailable(self, key: tuple[str, int], name: str, why: str) -> None:
+        if self._unavailable.get(key) != why:
+            self._unavailable[key] = why
+            _event(name, logging.WARNING if name == "netns_gone" else logging.ERROR,
+                   netns=key[0], family=FAMILY_NAME[key[1]], error=why)
+
+    def _check_namespaces(self) -> None:
+        """Close sockets of namespaces deleted (or replaced) under us: an open socket would keep a deleted
+        namespace alive, guests and all. They are reopened when the name comes back."""
+        for key, s in list(self._sockets.items()):
+            if not s.netns:
+                continue
+            try:
+                alive = nsmod.inode(s.netns) == s.inode
+                why = f"network namespace {s.netns!r} was replaced"
+            except nsmod.NetnsGone as exc:
+                alive, why = False, str(exc)
+            if not alive:
+                del self._sockets[key]
+                s.close()
+                for p in list(s.pending.values()):
+                    self._on_result(p, None)
+                s.pending.clear()
+                self._note_unavailable(key, "netns_gone", why)
+
+    def _prune(self, order: list[GuestState]) -> None:
+        """Forget sockets and failures of (namespace, family) pairs no target uses any more (after a reload)."""
+        used = {(st.target.netns, st.family) for st in order}
+        for key in [k for k in self._unavailable if k not in used]:
+            del self._unavailable[key]
+            self._retry_at.pop(key, None)
+        for key in [k for k, s in self._sockets.items() if k not in used and not s.pending]:
+            self._sockets.pop(key).close()
+
+    def unavailable(self) -> dict[tuple[str, int], str]:
+        return dict(self._unavailable)  # a C-level copy: safe from a scrape thread
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    def _on_result(self, p: _Pending, rtt: float | None) -> None:
+        owner = p.owner
+        if isinstance(owner, GuestState):
+            with self.lock:
+                if rtt is None:
+                    owner.on_loss(self.down_after)
+                else:
+                    owner.on_reply(rtt, time.time())
+        elif not owner.done():
+            owner.set_result(rtt)
+
+    def _send(self, st: GuestState) -> None:
+        s = self.socket_for(st.target.netns, st.family)
+        with self.lock:
+            st.requests += 1
+        if s is not None:
+            try:
+                s.send(st, st.addr, self.timeout)
+                if st.last_error:
+                    st.last_error = ""
+                return
+            except OSError as exc:
+                err = exc.strerror or str(exc)
+        else:
+            err = self._unavailable.get((st.target.netns, st.family), "no socket")
+        with self.lock:
+            st.send_errors += 1
+            st.on_loss(self.down_after)
+        if st.last_error != err:  # once per guest per kind of error
+            st.last_error = err
+            _event("probe_send_failed", logging.DEBUG if s is None else logging.WARNING, netns=st.target.netns,
+                   guest=st.target.name, address=st.addr, error=err)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        order: list[GuestState] = []
+        i = 0
+        cycle_start = loop.time()
+        while True:
+            now = loop.time()
+            while True:
+                if i >= len(order) and now >= cycle_start + (self.interval if order else 0):
+                    # A new cycle: pick up target and namespace changes. Cycles follow each other on the
+                    # interval's grid (a 10 ms tick may run several 5 ms cycles); after a stall longer than
+                    # that, restart at now rather than send the missed cycles in a burst.
+                    cycle_start = cycle_start + self.interval if order else now
+                    if now - cycle_start > max(self.interval, 5 * TICK):
+                        cycle_start = now
+                    self._check_namespaces()
+                    with self.lock:
+                        order = list(self._order)
+                    self._prune(order)
+                    i = 0
+                slot = self.interval / max(len(order), 1)
+                while i < len(order) and cycle_start + i * slot <= now:
+                    self._send(order[i])
+                    i += 1
+                if i < len(order) or not order or now < cycle_start + self.interval:
+                    break
+            nxt = cycle_start + i * slot if i < len(order) else cycle_start + self.interval
+            for s in list(self._sockets.values()):
+                d = s.expire(now)
+                if d is not None and d < nxt:
+                    nxt = d
+            delay = max(nxt - loop.time(), TICK)
+            if order:
+                await asyncio.sleep(delay)
+            else:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    def snapshot(self) -> list[tuple[Target, bool, int, int, int, float, list[int], float, int]]:
+        """(target, up, requests, replies, send_errors, last_reply, cumulative buckets, rtt sum, rtt count)."""
+        with self.lock:
+            out = []
+            for st in self._order:
+                out.append((st.target, st.up, st.requests, st.replies, st.send_errors, st.last_reply,
+                            st.cumulative(), st.rtt_sum, sum(st.buckets)))
+            return out
+
+    def sockets(self) -> list[tuple[str, str, str]]:
+        socks = list(self._sockets.values())  # one C-level copy: the loop thread may add one meanwhile
+        return sorted((s.netns, FAMILY_NAME[s.family], s.mode) for s in socks)
+
+    # -- on demand -----------------------------------------------------------------------------------------------
+    async def probe(self, address: str, netns: str = "", count: int = 3, budget: float = 3.0) -> "ProbeResult":
+        """Ping `address` `count` times within `budget` seconds on the shared socket (blackbox-style)."""
+        addr = ipaddress.ip_address(address)
+        family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        start = loop.time()
+        result = ProbeResult(sent=0, rtts=[], errors=[])
+        # Spread the packets over the first half of the budget and wait for replies until its end.
+        gap = min(0.2, budget / 2 / max(count, 1))
+        sent: list[tuple[asyncio.Future, IcmpSocket, _Pending]] = []
+        for k in range(count):
+            result.sent += 1
+            # Asked each time: the background loop may have closed an idle socket or the namespace may be gone.
+            s = self.socket_for(netns, family)
+            if s is None:
+                result.errors.append(self._unavailable.get((netns, family), "no socket"))
+                continue
+            fut = loop.create_future()
+            try:
+                sent.append((fut, s, s.send(fut, str(addr), max(start + budget - loop.time(), 0))))
+            except OSError as exc:
+                result.errors.append(exc.strerror or str(exc))
+            if k + 1 < count:
+                await asyncio.sleep(gap)
+        if sent:
+            await asyncio.wait([f for f, _, _ in sent], timeout=max(start + budget - loop.time(), 0))
+        for fut, s, p in sent:
+            if fut.done() and fut.result() is not None:
+                result.rtts.append(fut.result())
+            else:
+                s.forget(p)
+        result.duration = loop.time() - start
+        return result
+
+
+@dataclass
+class ProbeResult:
+    sent: int
+    rtts: list[float]
+    errors: list[str]
+    duration: float = 0.0
+
+    @property
+    def success(self) -> bool:
+        return bool(self.rtts)
+
+
+def _event(name: str, level: int = logging.INFO, **fields: object) -> None:
+    if log.isEnabledFor(level):
+        log.log(level, "%s", fmt(name, **fields))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the service runs (exporter/cli.py builds it).
+
+class GuestProber:
+    """The prober plus its target sources. The service calls `start(loaded)`, `reconfigure(loaded)` on reload,
+    `stop()`, `collectors()`; the web app mounts `handle_probe` on /probe."""
+
+    def __init__(self, prober: Prober | None = None, render: Callable[[Prober], Any] | None = None) -> None:
+        self.prober = prober or Prober()
+        self.render = render  # Prober -> the collector of its kvmnet_guest_* series (collectors/probe.py)
+        self.discovery = Discovery()
+        self.discover = True
+        self.namespaces: list[str] = []
+        self.watched: list[str] = []
+        self.directory: Any = None  # the service's GuestDirectory (guest names); None: tap names are used
+        self.source_for: Callable[[str], Any] | None = None  # the service's netlink source of a namespace
+        self._task: asyncio.Task | None = None
+
+    def reconfigure(self, loaded: Any) -> None:
+        cfg = getattr(getattr(loaded, "config", None), "probe", None)
+        if cfg is not None:
+            self.prober.interval = cfg.interval
+            self.prober.timeout = cfg.timeout
+            self.prober.down_after = cfg.down_after
+            self.discover = cfg.discover
+        self.watched = list(getattr(loaded, "watched", [""]))
+        self.namespaces = self.watched if self.discover else []
+        self.prober.set_targets(getattr(loaded, "targets", []))
+        if not self.discover:
+            self.prober.set_targets([], source="discovery")
+
+    async def start(self, loaded: Any = None) -> None:
+        if loaded is not None:
+            self.reconfigure(loaded)
+        await self.prober.start()
+        if self._task is None:
+            self._task = asyncio.create_task(self._discover_loop(), name="kvmnet-discovery")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        await self.prober.stop()
+
+    async def _discover_loop(self) -> None:
+        while True:
+            if self.namespaces:
+                self.discovery.source_for = self.source_for
+                found = await asyncio.to_thread(self.discovery.run_once, list(self.namespaces), self.directory)
+                self.prober.set_targets(found, source="discovery")
+            await asyncio.sleep(DISCOVER_EVERY)
+
+    def collectors(self) -> list[Any]:
+        return [self.render(self.prober)] if self.render is not None else []
+
+    async def handle_probe(self, request: Any) -> Any:
+        from .http import probe_handler  # http.py imports this module: resolved at call time, no import cycle
+        return await probe_handler(request, self.prober, self.watched)
