@@ -19,9 +19,9 @@ Bridge internals (the kernel's own view of trouble):
     kvmnet_port_stp_bpdus_total{netns="lab",bridge="br0",device="vm1eth0",direction="receive"} 0   (+ tcns)
     kvmnet_port_qdisc_drops_total{netns="lab",bridge="br0",device="vm1eth0"} 0   (+ overlimits, requeues)
     kvmnet_port_qdisc_backlog_bytes{netns="lab",bridge="br0",device="vm1eth0"} 0 (+ backlog_packets)
-    kvmnet_bridge_stp_root_info{netns="lab",bridge="br0",root_id="8000.0ae84fc56a16",bridge_id="8000.0ae84fc56a16"} 1
+    kvmnet_bridge_stp_root_info{netns="lab",bridge="br0",root_id="8000.0ae84fc56a16"} 1
     kvmnet_bridge_stp_root_port{netns="lab",bridge="br0"} 0   (+ root_path_cost, topology_change)
-    kvmnet_guest_mac_conflict{netns="lab",bridge="br0",device="vm2eth0",guest="vm2",mac="0a:.."} 2   (conflicts only)
+    kvmnet_guest_mac_conflict{netns="lab",bridge="br0",device="vm2eth0",guest="vm2",mac="0a:.."} 1   (guests with a MAC)
 
 Samples come sorted by bridge, then device (the snapshot's order), so output is stable. `include`/`exclude`
 (`--device.include/exclude`) are searched (re.search) in bridge port names only; bridges are always reported, and
@@ -253,9 +253,11 @@ def port_families(snap: BridgeSnapshot, keep: Callable[[str], bool], cache: _Pre
 
 def bridge_stp_families(snap: BridgeSnapshot) -> list[MetricFamily]:
     """The bridge's view of the spanning tree: who is root, through which port, at what cost."""
+    # Only root_id as a label: a bridge's own id follows its MAC (the lowest port MAC unless set), and a label
+    # that changes with it would read as a root change.
     info = MetricFamily("kvmnet_bridge_stp_root_info", "gauge",
-                        "The STP root bridge as this bridge sees it (IFLA_BR_ROOT_ID, priority.MAC) and this "
-                        "bridge's own id; root_id == bridge_id when this bridge is the root (always without STP).")
+                        "The STP root bridge as this bridge sees it (IFLA_BR_ROOT_ID, priority.MAC, as in sysfs "
+                        "bridge/root_id). Without STP, or when it is the root, that is the bridge's own id.")
     port = MetricFamily("kvmnet_bridge_stp_root_port", "gauge",
                         "Port number of the bridge's root port (IFLA_BR_ROOT_PORT); 0 when it is the root itself.")
     cost = MetricFamily("kvmnet_bridge_stp_root_path_cost", "gauge",
@@ -267,7 +269,7 @@ def bridge_stp_families(snap: BridgeSnapshot) -> list[MetricFamily]:
     for br in snap.bridges:
         i = br.info
         bl = labels(netns=ns, bridge=br.name)
-        info.add(labels(netns=ns, bridge=br.name, root_id=i.root_id, bridge_id=i.bridge_id), 1)
+        info.add(labels(netns=ns, bridge=br.name, root_id=i.root_id), 1)
         port.add(bl, i.root_port)
         cost.add(bl, i.root_path_cost)
         tc.add(bl, i.topology_change)
@@ -275,11 +277,12 @@ def bridge_stp_families(snap: BridgeSnapshot) -> list[MetricFamily]:
 
 
 def mac_conflict_family(snap: BridgeSnapshot, guests: dict) -> MetricFamily:
-    """Guests on one bridge configured (QEMU, libvirt, lab file) with the same MAC: each of them gets a sample, the
-    value is how many guests share the MAC. No sample without a conflict."""
+    """Per guest port whose guest has a configured MAC (QEMU, libvirt, lab file): how many guests on the bridge are
+    configured with that MAC. 1 is normal; 2 or more is a cloned guest or a copy-pasted MAC."""
     fam = MetricFamily("kvmnet_guest_mac_conflict", "gauge",
                        "Guests on this bridge configured with the same MAC as this guest, itself included (from the "
-                       "guests' identity: QEMU command line, libvirt XML, lab file). Present only when >= 2.")
+                       "guests' identity: QEMU command line, libvirt XML, lab file): 1 is normal, 2 or more a "
+                       "conflict.")
     ns = snap.netns
     for br in snap.bridges:
         by_mac: dict[str, list] = {}
@@ -289,8 +292,6 @@ def mac_conflict_family(snap: BridgeSnapshot, guests: dict) -> MetricFamily:
             if mac:
                 by_mac.setdefault(mac.lower(), []).append((p.name, g.name))
         for mac, who in sorted(by_mac.items()):
-            if len(who) < 2:
-                continue
             for device, name in who:
                 fam.add(labels(netns=ns, bridge=br.name, device=device, guest=name, mac=mac), len(who))
     return fam

@@ -87,10 +87,7 @@ def expected(netns: str) -> dict[tuple, float]:
             n = sum(1 for e in fdb if e.get("master") == br and _fdb_type(e.get("state", "")) == t)
             put("kvmnet_bridge_fdb_entries", n, netns=netns, bridge=br, type=t)
         d = l["linkinfo"]["info_data"]
-        # iproute2 prints a bridge id as 8000.a:b:c:d:e:f (no zero padding); kvmnet as sysfs does, 8000.0a0b0c0d0e0f.
-        bid = lambda s: s.split(".")[0] + "." + "".join(f"{int(x, 16):02x}" for x in s.split(".")[1].split(":"))
-        put("kvmnet_bridge_stp_root_info", 1, netns=netns, bridge=br,
-            root_id=witness.sysfs_bridge(netns, br, "root_id"), bridge_id=bid(d["bridge_id"]))
+        put("kvmnet_bridge_stp_root_info", 1, netns=netns, bridge=br, root_id=witness.sysfs_bridge(netns, br, "root_id"))
         put("kvmnet_bridge_stp_root_port", d["root_port"], netns=netns, bridge=br)
         put("kvmnet_bridge_stp_root_path_cost", d["root_path_cost"], netns=netns, bridge=br)
         put("kvmnet_bridge_stp_topology_change", d["topology_change"], netns=netns, bridge=br)
