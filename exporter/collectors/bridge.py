@@ -71,6 +71,26 @@ def _filter(include: re.Pattern | None, exclude: re.Pattern | None) -> Callable[
     return keep
 
 
+_QDISC = (  # (Qdisc field, metric suffix, kind, help)
+    ("drops", "drops_total", "counter",
+     "Packets the port's root qdisc dropped (TCA_STATS_QUEUE): a shaped tap over its rate, or a guest that does "
+     "not drain its queue."),
+    ("overlimits", "overlimits_total", "counter",
+     "Times the port's root qdisc held back a packet because a rate limit (tbf, htb, ...) was reached."),
+    ("requeues", "requeues_total", "counter",
+     "Packets the port's root qdisc requeued because the device was busy."),
+    ("backlog", "backlog_bytes", "gauge", "Bytes waiting in the port's root qdisc now."),
+    ("qlen", "backlog_packets", "gauge", "Packets waiting in the port's root qdisc now."),
+)
+_STP_NAMES = ("kvmnet_port_stp_transitions_total", "kvmnet_port_stp_bpdus_total", "kvmnet_port_stp_tcns_total")
+_STP_LABELS = ("to", "direction", "direction")
+_STP = (  # (StpCounters field, family index, label value), in StpCounters' order
+    ("transition_blk", 0, "blocking"), ("transition_fwd", 0, "forwarding"),
+    ("rx_bpdu", 1, "receive"), ("tx_bpdu", 1, "transmit"),
+    ("rx_tcn", 2, "receive"), ("tx_tcn", 2, "transmit"),
+)
+
+
 class _Rows:
     """Rendered line prefixes per port and bridge, kept across scrapes: a scrape of 1000 taps is ~19k samples, and
     building each line from labels costs ~16 ms where `prefix + str(value)` costs ~4 ms (~2.5 kB per port).
@@ -91,8 +111,11 @@ class _Rows:
             counters = tuple(f"kvmnet_port_{d}_{u}_total{pl} " for _f, d, u in _COUNTERS)
             stp = tuple(f"kvmnet_port_stp_state{with_label(pl, 'state', s)} " for s in STP_STATES)
             il = with_label(with_label(with_label(pl, "kind", kind), "mac", mac), "guest", guest)
+            xstp = tuple(f"{_STP_NAMES[i]}{with_label(pl, _STP_LABELS[i], v)} " for _f, i, v in _STP)
+            qdisc = tuple(f"kvmnet_port_qdisc_{suffix}{pl} " for _f, suffix, _k, _h in _QDISC)
             row = self.ports[key] = (counters, f"kvmnet_port_up{pl} ", f"kvmnet_port_carrier_changes_total{pl} ",
-                                     stp, f"kvmnet_port_info{il} 1")
+                                     stp, f"kvmnet_port_info{il} 1", f"kvmnet_port_transmit_queue_length{pl} ",
+                                     xstp, qdisc)
         return row
 
     def bridge(self, ns: str, br) -> tuple:
@@ -138,6 +161,20 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
                          "Carrier of the bridge device (IFF_LOWER_UP): 1 while at least one port is up.")
     br_ports = MetricFamily("kvmnet_bridge_ports", "gauge", "Ports enslaved to the bridge.")
     br_info = MetricFamily("kvmnet_bridge_info", "gauge", "A bridge: its MAC and whether kernel STP is on.")
+    txq = MetricFamily("kvmnet_port_transmit_queue_length", "gauge",
+                       "Transmit queue length of the port in packets (IFLA_TXQLEN): how much the host queues "
+                       "towards a guest before its qdisc drops.")
+    xstp = [MetricFamily(_STP_NAMES[0], "counter",
+                         "STP state transitions of the port into blocking and into forwarding (bridge xstats)."),
+            MetricFamily(_STP_NAMES[1], "counter",
+                         "STP BPDUs the bridge received on and sent out of this port (bridge xstats)."),
+            MetricFamily(_STP_NAMES[2], "counter",
+                         "STP topology change notifications received on and sent out of this port (bridge xstats).")]
+    qd = [MetricFamily(f"kvmnet_port_qdisc_{suffix}", kind, help) for _f, suffix, kind, help in _QDISC]
+    # StpCounters' order is _STP's: blk, fwd (transitions), rx, tx BPDUs, rx, tx TCNs.
+    xstp_lines = [xstp[i].lines for _f, i, _v in _STP]
+    qd_lines = [f.lines for f in qd]
+    txq_l = txq.lines
 
     # Counters in the order of _COUNTERS, as indices into the Counters tuple (kernel order).
     idx = [FIELDS.index(f) for f, _d, _u in _COUNTERS]
@@ -159,7 +196,7 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
                 continue
             g = guests.get(p.name)
             key = (ns, br.name, p.name, p.kind, p.mac, g.name if g is not None else "")
-            counters, up_p, flaps_p, stp_prefixes, pinfo = rows.port(key)
+            counters, up_p, flaps_p, stp_prefixes, pinfo, txq_p, xstp_p, qd_p = rows.port(key)
             seen_p.add(key)
             st = p.stats
             for lines, prefix, i in zip(pc_lines, counters, idx):
@@ -170,29 +207,19 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
             for i, prefix in enumerate(stp_prefixes):
                 stp_l.append(prefix + ("1" if i == s else "0"))
             info_l.append(pinfo)
+            txq_l.append(txq_p + str(p.txqlen))
+            if p.stp is not None:
+                for lines, prefix, v in zip(xstp_lines, xstp_p, p.stp):
+                    lines.append(prefix + str(v))
+            q = p.qdisc
+            if q is not None:
+                for lines, prefix, v in zip(qd_lines, qd_p, (q.drops, q.overlimits, q.requeues, q.backlog, q.qlen)):
+                    lines.append(prefix + str(v))
     rows.prune(seen_p, seen_b)
-    return port_c + [up, flaps, stp, info] + br_c + [br_up, br_ports, br_info]
+    return port_c + [up, flaps, stp, info] + br_c + [br_up, br_ports, br_info, txq, *xstp, *qd]
 
 
 # -- bridge internals: tap queues, STP counters and root, guests sharing a MAC -----------------------------------
-
-_QDISC = (  # (Qdisc field, metric suffix, kind, help)
-    ("drops", "drops_total", "counter",
-     "Packets the port's root qdisc dropped (TCA_STATS_QUEUE): a shaped tap over its rate, or a guest that does "
-     "not drain its queue."),
-    ("overlimits", "overlimits_total", "counter",
-     "Times the port's root qdisc held back a packet because a rate limit (tbf, htb, ...) was reached."),
-    ("requeues", "requeues_total", "counter",
-     "Packets the port's root qdisc requeued because the device was busy."),
-    ("backlog", "backlog_bytes", "gauge", "Bytes waiting in the port's root qdisc now."),
-    ("qlen", "backlog_packets", "gauge", "Packets waiting in the port's root qdisc now."),
-)
-_STP = (  # (StpCounters field, family index, label value)
-    ("transition_blk", 0, "blocking"), ("transition_fwd", 0, "forwarding"),
-    ("rx_bpdu", 1, "receive"), ("tx_bpdu", 1, "transmit"),
-    ("rx_tcn", 2, "receive"), ("tx_tcn", 2, "transmit"),
-)
-
 
 class _Prefixes:
     """Rendered `name{labels} ` prefixes per (kind, netns, bridge, device), pruned to what the last scrape saw."""
@@ -212,43 +239,6 @@ class _Prefixes:
         if len(self.rows) > len(self.seen):
             self.rows = {k: v for k, v in self.rows.items() if k in self.seen}
         self.seen = set()
-
-
-def port_families(snap: BridgeSnapshot, keep: Callable[[str], bool], cache: _Prefixes) -> list[MetricFamily]:
-    """Transmit queue length, STP xstats and root qdisc counters of every (kept) bridge port."""
-    txq = MetricFamily("kvmnet_port_transmit_queue_length", "gauge",
-                       "Transmit queue length of the port in packets (IFLA_TXQLEN): how much the host queues "
-                       "towards a guest before its qdisc drops.")
-    stp = [MetricFamily("kvmnet_port_stp_transitions_total", "counter",
-                        "STP state transitions of the port into blocking and into forwarding (bridge xstats)."),
-           MetricFamily("kvmnet_port_stp_bpdus_total", "counter",
-                        "STP BPDUs the bridge received on and sent out of this port (bridge xstats)."),
-           MetricFamily("kvmnet_port_stp_tcns_total", "counter",
-                        "STP topology change notifications received on and sent out of this port (bridge xstats).")]
-    qd = [MetricFamily(f"kvmnet_port_qdisc_{suffix}", kind, help) for _f, suffix, kind, help in _QDISC]
-    ns = snap.netns
-    for br in snap.bridges:
-        for p in br.ports:
-            if not keep(p.name):
-                continue
-
-            def make(bridge=br.name, device=p.name) -> tuple[str, ...]:
-                pl = labels(netns=ns, bridge=bridge, device=device)
-                keys = ("to", "direction", "direction")
-                return ((f"kvmnet_port_transmit_queue_length{pl} ",)
-                        + tuple(f"{stp[i].name}{with_label(pl, keys[i], v)} " for _f, i, v in _STP)
-                        + tuple(f"kvmnet_port_qdisc_{suffix}{pl} " for _f, suffix, _k, _h in _QDISC))
-
-            row = cache.get((ns, br.name, p.name), make)
-            txq.lines.append(row[0] + str(p.txqlen))
-            if p.stp is not None:
-                for j, (_f, i, _v) in enumerate(_STP):
-                    stp[i].lines.append(row[1 + j] + str(p.stp[j]))
-            if p.qdisc is not None:
-                q = p.qdisc
-                for j, (f, _s, _k, _h) in enumerate(_QDISC):
-                    qd[j].lines.append(row[7 + j] + str(getattr(q, f)))
-    return [txq, *stp, *qd]
 
 
 def bridge_stp_families(snap: BridgeSnapshot) -> list[MetricFamily]:
@@ -309,7 +299,6 @@ class BridgeCollector:
         self.keep = _filter(include, exclude)
         self.source = source if source is not None else NetlinkSource(netns)  # normally the service's
         self._rows = _Rows()
-        self._internals = _Prefixes()
 
     def collect(self) -> Iterable[MetricFamily]:
         snap = self.source.snapshot(fdb=False)
@@ -324,9 +313,8 @@ class BridgeCollector:
                                "topology and FDB are kept current from netlink events.")
         resyncs.add(labels(netns=self.netns), self.source.resyncs)
         out = bridge_families(snap, guests, self.keep, self._rows)
-        out += port_families(snap, self.keep, self._internals) + bridge_stp_families(snap)
+        out += bridge_stp_families(snap)
         out.append(mac_conflict_family(snap, guests))
-        self._internals.prune()
         return out + [resyncs]
 
     def close(self) -> None:

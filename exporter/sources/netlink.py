@@ -474,14 +474,40 @@ def parse_qdisc(data: bytes, off: int, end: int) -> tuple[int, Qdisc] | None:
                         backlog)
 
 
-def qdiscs_from_dump(chunks: list[bytes]) -> dict[int, Qdisc]:
+def qdiscs_from_dump(chunks: list[bytes], cache: dict[int, tuple[bytes, Qdisc]] | None = None
+                     ) -> dict[int, Qdisc]:
+    """{ifindex: root Qdisc}. With `cache` (kept by the caller across scrapes), a message whose bytes are the same
+    as last time is not decoded again: an idle port's qdisc (most of them) costs a compare, not a walk (~0.5 us
+    instead of ~3.5 us at 1000 ports). The cache is replaced by this dump's entries."""
     out: dict[int, Qdisc] = {}
+    seen: dict[int, tuple[bytes, Qdisc]] = {}
+    tcm = _TCM.unpack_from
     for chunk in chunks:
         for typ, _f, _s, off, end in iter_messages(chunk):
-            if typ == RTM_NEWQDISC:
+            if typ != RTM_NEWQDISC or end - off < 36:
+                continue
+            if cache is None:
                 r = parse_qdisc(chunk, off, end)
                 if r is not None:
                     out[r[0]] = r[1]
+                continue
+            _family, index, _handle, parent, _info = tcm(chunk, off + 16)
+            if parent != TC_H_ROOT:
+                continue
+            raw = chunk[off:end]
+            old = cache.get(index)
+            if old is not None and old[0] == raw:
+                q = old[1]
+            else:
+                r = parse_qdisc(raw, 0, len(raw))
+                if r is None:
+                    continue
+                q = r[1]
+            out[index] = q
+            seen[index] = (raw, q)
+    if cache is not None:
+        cache.clear()
+        cache.update(seen)
     return out
 
 
@@ -651,6 +677,7 @@ class NetlinkSource:
         self._counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None  # fdb_counts(_fdb), cached
         self._synced_at = 0.0
         self._moves: dict[int, int] = {}  # ifindex -> learned FDB entries that moved onto it (kept across resyncs)
+        self._qdisc_cache: dict[int, tuple[bytes, Qdisc]] = {}
         self._move_logged: dict[tuple[int, str, int], float] = {}
         self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
 
@@ -668,7 +695,7 @@ class NetlinkSource:
             if stats:
                 stp = {}
                 counters = stats_from_dump(self._dump(RTM_GETSTATS, _STATS_REQ), stp)
-                qdiscs = qdiscs_from_dump(self._dump(RTM_GETQDISC, _QDISC_REQ))
+                qdiscs = qdiscs_from_dump(self._dump(RTM_GETQDISC, _QDISC_REQ), self._qdisc_cache)
             if not fdb or self._fdb is None:
                 return build_snapshot(self.netns, self._links, counters, None, stp=stp, qdiscs=qdiscs,
                                       bridges_now=bridges_now)
@@ -709,6 +736,7 @@ class NetlinkSource:
         self._fdb = None
         self._counts = None
         self._moves = {}  # ifindexes mean nothing in a reopened (possibly new) namespace
+        self._qdisc_cache = {}
 
     def _open(self) -> None:
         self._close()

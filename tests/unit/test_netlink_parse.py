@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmnet.exporter.collectors.bridge import (_filter, _Prefixes, bridge_families, bridge_stp_families,
-                                               mac_conflict_family, port_families)
+                                               mac_conflict_family)
 from kvmnet.exporter.collectors.fdb import fdb_families, fdb_internal_families
 from kvmnet.exporter.exposition import render
 from kvmnet.exporter.sources import netlink as nl
@@ -99,6 +99,19 @@ def test_root_qdiscs(by_name):
     assert q[by_name["ve0"].index].kind == "tbf"
     assert q[by_name["vm0"].index].kind in ("pfifo_fast", "fq_codel")  # net.core.default_qdisc
     assert by_name["vm1"].index in q  # admin up without carrier: it has its default qdisc
+
+
+def test_qdisc_cache_gives_the_same_and_follows_changes(by_name):
+    data = chunks("qdisc")
+    cache = {}
+    first = nl.qdiscs_from_dump(data, cache)
+    assert first == nl.qdiscs_from_dump(data) and nl.qdiscs_from_dump(data, cache) == first
+    ve0 = by_name["ve0"].index
+    old = cache[ve0][1]
+    cache[ve0] = (b"stale", nl.Qdisc("bogus"))  # a changed message is decoded again
+    assert nl.qdiscs_from_dump(data, cache)[ve0] == old
+    del cache[ve0]
+    assert nl.qdiscs_from_dump([b""], cache) == {} and cache == {}  # devices gone: dropped from the cache
 
 
 def test_fdb_move_events_count_onto_the_new_port(by_name):
@@ -194,7 +207,7 @@ def _render_golden() -> bytes:
     links = nl.links_from_dump(chunks("links"))
     snap = snapshot(links, moves={links_by_name(links)["vm1"]: 3})
     every = lambda _n: True  # noqa: E731
-    return render(bridge_families(snap, guests) + fdb_families(snap) + port_families(snap, every, _Prefixes())
+    return render(bridge_families(snap, guests) + fdb_families(snap)
                   + bridge_stp_families(snap) + [mac_conflict_family(snap, guests)]
                   + fdb_internal_families(snap, every, _Prefixes()))
 
