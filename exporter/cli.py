@@ -38,8 +38,10 @@ class _Parser(argparse.ArgumentParser):
 def parse_listen(value: str) -> tuple[str | None, int]:
     """':9848' -> (None, 9848) (all addresses); '127.0.0.1:9848'; '[::1]:9848'."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {value!r}")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {value[:300]!r}")
+    if len(host) > 255 or not all(c.isascii() and c.isprintable() and not c.isspace() for c in host):
+        raise argparse.ArgumentTypeError(f"not a host name or address: {host[:64]!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
@@ -47,7 +49,12 @@ def parse_listen(value: str) -> tuple[str | None, int]:
     return (host or None), int(port)
 
 
+REGEX_MAX = 1024  # characters: device names are at most 15 bytes, a longer pattern is a mistake
+
+
 def _regex(value: str) -> re.Pattern:
+    if len(value) > REGEX_MAX:
+        raise argparse.ArgumentTypeError(f"regular expression longer than {REGEX_MAX} characters")
     try:
         return re.compile(value)
     except re.error as exc:
@@ -68,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="HOST:PORT", help=f"address to listen on (default :{DEFAULT_PORT})")
     p.add_argument("--web.config.file", dest="web_config", metavar="FILE",
                    help="TLS and basic auth, in the Go exporters' web config format")
+    p.add_argument("--web.enable-lifecycle", dest="lifecycle", action="store_true",
+                   help="allow POST /-/reload (as Prometheus; SIGHUP reloads either way)")
     p.add_argument("--config.file", dest="config_file", metavar="FILE", help="exporter config file (YAML)")
     p.add_argument("--config.check", dest="config_check", action="store_true",
                    help="validate the config (and lab) file and exit: 0 if good, 2 if not")
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     prober, probe_handler = _prober(settings)
     service = Service(settings, loaded, prober=prober)
     app = create_app(service, reload=lambda: load(settings), probe_handler=probe_handler,
-                     middlewares=middlewares, sighup=True)
+                     middlewares=middlewares, sighup=True, lifecycle=args.lifecycle)
     host, port = args.listen
     logs.event(log, "starting", version=__version__, address=f"{host or ''}:{port}",
                tls=ssl_context is not None, netns=",".join(n for n in loaded.watched if n) or "-",

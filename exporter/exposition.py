@@ -11,15 +11,57 @@ every scrape builds fresh families from a fresh snapshot, so a vanished tap vani
 """
 from __future__ import annotations
 
+import logging
 import math
+import re
 from functools import lru_cache
-from typing import Iterable
+from typing import Callable, Iterable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+log = logging.getLogger("kvmnet.exposition")
+
+# Label values: what a name becomes (the documented mapping, README "Odd names").
+# Names are bytes to the kernel (device names need not be UTF-8) and reach us decoded with surrogateescape. A label
+# value is that name with
+#   - a byte that is not part of valid UTF-8 -> the 4 characters \xNN (lower-case hex): b"br\xff" -> `br\xff`
+#   - a control character (U+0000-U+001F, U+007F) -> \xNN too: no newline, tab or escape code in a label
+#   - any other lone surrogate (not from bytes) -> \uNNNN
+#   - a backslash -> two backslashes, so the escapes above never collide with a name that is literally `\xff`
+# Every other character is kept. The mapping is injective: two different names never share a series. The text
+# format's own escaping (\\, \", \n) is applied on top of it when rendering.
+_ODD = re.compile(r"[\\\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def _odd(m: re.Match) -> str:
+    c = m.group()
+    if c == "\\":
+        return "\\\\"
+    o = ord(c)
+    if o < 0x80:
+        return f"\\x{o:02x}"
+    if 0xDC80 <= o <= 0xDCFF:  # surrogateescape'd byte
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\u{o:04x}"
+
+
+def label_value(name: str) -> str:
+    """A name (str, possibly surrogateescape'd bytes) as the label value it is exported as (see above)."""
+    return _ODD.sub(_odd, name)
+
+
+def label_value_of_bytes(raw: bytes) -> str:
+    """The label value of a name given as the kernel's bytes."""
+    return label_value(raw.decode("utf-8", "surrogateescape"))
+
 
 def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return label_value(value).replace("\\", r"\\").replace('"', r"\"")
+
+
+@lru_cache(maxsize=1024)
+def _escape_small(value: str) -> str:  # le="..." of every histogram bucket, every scrape: a handful of values
+    return _escape(value)
 
 
 # Bounded so tap churn (new names every minute) cannot grow memory without limit: 2^15 label sets is ~20 MiB and
@@ -38,7 +80,7 @@ def labels(**kw: object) -> str:
 
 def with_label(rendered: str, name: str, value: str) -> str:
     """Append one label to a rendered label string: '{a="1"}' + le="0.5" -> '{a="1",le="0.5"}'."""
-    extra = f'{name}="{_escape(value)}"'
+    extra = f'{name}="{_escape_small(value)}"'
     return "{" + extra + "}" if not rendered else rendered[:-1] + "," + extra + "}"
 
 
@@ -58,16 +100,20 @@ def format_value(value: float | int) -> str:
 class MetricFamily:
     """One metric family. `kind` is counter, gauge, histogram or untyped; counters carry `_total` in `name`."""
 
-    __slots__ = ("name", "kind", "help", "lines")
+    __slots__ = ("name", "kind", "help", "lines", "error")
 
     def __init__(self, name: str, kind: str, help: str) -> None:
         self.name = name
         self.kind = kind
         self.help = help
         self.lines: list[str] = []
+        self.error = ""  # set by a sample that is not a number: render() drops the family and reports it
 
     def add(self, rendered_labels: str, value: float | int) -> None:
-        self.lines.append(f"{self.name}{rendered_labels} {format_value(value)}")
+        try:
+            self.lines.append(f"{self.name}{rendered_labels} {format_value(value)}")
+        except (TypeError, ValueError) as exc:
+            self.error = f"sample{rendered_labels}: not a number: {value!r} ({exc})"
 
     def add_histogram(self, rendered_labels: str, bounds: Iterable[float], cumulative_counts: Iterable[int],
                       total: float, count: int) -> None:
@@ -83,28 +129,54 @@ class MetricFamily:
         return f"MetricFamily({self.name!r}, {self.kind!r}, {len(self.lines)} lines)"
 
 
-def render(families: Iterable[MetricFamily]) -> bytes:
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_KINDS = ("counter", "gauge", "histogram", "summary", "untyped")
+
+
+def render(families: Iterable[MetricFamily], on_error: Callable[[str, str], None] | None = None) -> bytes:
     """Render families; those sharing a name (one per watched namespace) are merged under one HELP/TYPE.
 
     Order is kept as given: collectors emit in sorted order, and callers pass namespaces sorted. A family with
     no samples still gets its HELP/TYPE lines.
+
+    A family that cannot be rendered (a bad name or kind, the same name with two kinds, text that is not
+    encodable) is dropped and the rest served, as node_exporter's ContinueOnError: `on_error(family, reason)` is
+    called for it (web.py counts it in kvmnet_scrape_render_errors_total and logs it); without `on_error` it raises
+    ValueError.
     """
     merged: dict[str, tuple[MetricFamily, list[str]]] = {}
+    bad: dict[str, str] = {}
     for fam in families:
         seen = merged.get(fam.name)
+        if fam.name in bad:
+            continue
+        if getattr(fam, "error", ""):
+            bad[str(fam.name)] = fam.error
+            merged.pop(fam.name, None)
+            continue
         if seen is None:
+            if not isinstance(fam.name, str) or not _NAME.match(fam.name) or fam.kind not in _KINDS:
+                bad[str(fam.name)] = f"bad metric name or type: {fam.name!r} {fam.kind!r}"
+                continue
             merged[fam.name] = (fam, list(fam.lines))
         elif seen[0].kind != fam.kind:
-            raise ValueError(f"metric {fam.name} is both {seen[0].kind} and {fam.kind}")
+            bad[fam.name] = f"metric {fam.name} is both {seen[0].kind} and {fam.kind}"
+            del merged[fam.name]
         else:
             seen[1].extend(fam.lines)
-    out: list[str] = []
+    out: list[bytes] = []
     for fam, lines in merged.values():
-        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
-        out.append(f"# TYPE {fam.name} {fam.kind}")
-        out.extend(lines)
-    out.append("")
-    return "\n".join(out).encode()
+        try:
+            block = "\n".join([f"# HELP {fam.name} {_escape_help(fam.help)}", f"# TYPE {fam.name} {fam.kind}",
+                               *lines, ""])
+            out.append(block.encode())
+        except Exception as exc:  # noqa: BLE001 - one unrenderable family must not sink the scrape
+            bad[fam.name] = f"{type(exc).__name__}: {exc}"
+    for name, reason in bad.items():
+        if on_error is None:
+            raise ValueError(reason)
+        on_error(name, reason)
+    return b"".join(out)
 
 
 def _escape_help(text: str) -> str:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from . import logs
 
@@ -98,11 +100,38 @@ class _Conn(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
 
+class _Counting(web_protocol.RequestHandler):
+    """aiohttp's per-connection handler, counting requests its parser refuses (400/431) for kvmnet_http_*."""
+
+    __slots__ = ("tracker",)
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        if 400 <= status < 500:  # BadHttpMessage, LineTooLong, too many headers: no handler ran
+            self.tracker.malformed += 1
+        return super().handle_error(request, status, exc, message)
+
+
 class _Tracker:
     def __init__(self, server, limits: Limits) -> None:
         self.server, self.limits = server, limits
         self.conns: dict[object, _Conn] = {}  # transport -> connection, oldest first
-        self.evicted = self.refused = self.timeouts = 0
+        self.evicted = self.refused = self.timeouts = self.too_large = self.malformed = 0
+
+    def collect(self):
+        """kvmnet_http_* for collectors/self.py (client_python collector interface)."""
+        from prometheus_client.core import CounterMetricFamily
+        for name, value, help in (
+                ("connections_refused", self.refused, "Connections refused with 503: every connection was busy."),
+                ("connections_evicted", self.evicted, "Idle connections closed to make room for a new one."),
+                ("connections_timed_out", self.timeouts, "Connections closed for sending no whole request in time "
+                                                         "(header timeout) or idling past the keep-alive timeout."),
+                ("requests_too_large", self.too_large, "Requests refused with 413: body over the limit."),
+                ("requests_malformed", self.malformed, "Requests the HTTP parser refused before any handler (400/431: "
+                                                       "a request line or header over the limit, too many headers, "
+                                                       "garbage).")):
+            yield CounterMetricFamily(f"kvmnet_http_{name}", help, value=value)
+        from prometheus_client.core import GaugeMetricFamily
+        yield GaugeMetricFamily("kvmnet_http_connections", "Open HTTP connections.", value=len(self.conns))
 
     def factory(self) -> asyncio.Protocol:
         if len(self.conns) >= self.limits.max_connections:
@@ -113,11 +142,17 @@ class _Tracker:
             self.evicted += 1
             self.conns.pop(idle.transport, None)
             idle.transport.abort()
-        return _Conn(self, self.server())
+        try:  # what web.Server.__call__ does, with the subclass that counts parser refusals
+            handler = _Counting(self.server, loop=self.server._loop, **self.server._kwargs)
+            handler.tracker = self
+        except (AttributeError, TypeError):  # an aiohttp whose Server differs: serve, uncounted
+            handler = self.server()
+        return _Conn(self, handler)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
         if request.content_length is not None and request.content_length > self.limits.max_body:
+            self.too_large += 1
             raise web.HTTPRequestEntityTooLarge(max_size=self.limits.max_body, actual_size=request.content_length)
         conn = self.conns.get(request.transport)
         if conn is None:
@@ -138,6 +173,10 @@ async def serve_async(app: web.Application, host: str | None, port: int, ssl_con
     limits = limits or Limits()
     tracker = _Tracker(None, limits)
     app.middlewares.insert(0, tracker.middleware)
+    from .web import STATE_KEY  # web.py does not import this module
+    state = app.get(STATE_KEY)
+    if state is not None:
+        state.own.add(tracker)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=limits.keepalive_timeout, max_line_size=limits.max_line_size,
                            max_field_size=limits.max_field_size, max_headers=limits.max_headers,
@@ -146,8 +185,25 @@ async def serve_async(app: web.Application, host: str | None, port: int, ssl_con
     tracker.server = runner.server
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    # Plain signal handlers, not loop.add_signal_handler: those only run when the event loop gets to them, so a
+    # loop starved by a bug would ignore SIGTERM. This one runs in the main thread whatever the loop does, asks the
+    # loop to stop, and if it has not stopped within the shutdown timeout + 5 s (or on a second signal) exits hard.
+    watchdog: list[threading.Timer] = []
+
+    def force_exit() -> None:
+        logs.event(log, "forced_exit", logging.ERROR, reason="shutdown did not finish in time")
+        os._exit(1)
+
+    def on_signal(signum, _frame) -> None:
+        if watchdog:
+            force_exit()
+        t = threading.Timer(limits.shutdown_timeout + 5.0, force_exit)
+        t.daemon = True
+        t.start()
+        watchdog.append(t)
+        loop.call_soon_threadsafe(stop.set)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server = await loop.create_server(tracker.factory, host, port, ssl=ssl_context, backlog=512,
                                           reuse_address=True,
@@ -164,9 +220,11 @@ async def serve_async(app: web.Application, host: str | None, port: int, ssl_con
                 if conn.busy == 0 and conn.transport is not None:
                     conn.transport.close()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         await runner.cleanup()
+        for t in watchdog:
+            t.cancel()
 
 
 def serve(app: web.Application, host: str | None, port: int, ssl_context=None, limits: Limits | None = None) -> None:

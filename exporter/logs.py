@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from kvmnet.common.logfmt import fmt, parse_logfmt, quote  # noqa: F401 - re-exported: logs.quote etc.
+from kvmnet.common.logfmt import fmt, parse_logfmt, quote, sanitize  # noqa: F401 - re-exported: logs.quote etc.
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("logfmt", "json")
@@ -38,7 +38,7 @@ class LogfmtFormatter(logging.Formatter):
         line = f"ts={_ts(record)} level={_level(record)} logger={record.name} {body}"
         if record.exc_info:
             line += " exc=" + quote(self.formatException(record.exc_info))
-        return line
+        return sanitize(line)
 
 
 class JsonFormatter(logging.Formatter):

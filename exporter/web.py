@@ -1,4 +1,5 @@
-"""The HTTP side: /metrics, /, /healthz, POST /-/reload (and SIGHUP), and the prober's /probe.
+"""The HTTP side: /metrics, /, /healthz (503 while the prober is stalled), POST /-/reload (only with
+--web.enable-lifecycle; SIGHUP always), and the prober's /probe.
 
 One scrape is in flight at a time: requests that arrive while it runs wait for it and get its result, so a flood
 of scrapes costs one scrape's work. The body is Prometheus text 0.0.4 (what Prometheus accepts whatever else it
@@ -16,7 +17,7 @@ from typing import Any, Callable
 from aiohttp import web
 from . import __version__, logs, scrape
 from .collectors.self import SelfMetrics
-from .exposition import CONTENT_TYPE, render
+from .exposition import CONTENT_TYPE, label_value, render
 
 log = logging.getLogger("kvmnet.web")
 
@@ -54,11 +55,26 @@ class State:
         self.own = SelfMetrics()
         self.registry = self.own.registry
         self._inflight: asyncio.Future | None = None
+        self._dropped: dict[str, str] = {}  # family -> why it was last dropped (log once, count always)
         self._reload_lock = asyncio.Lock()
+
+    def render_error(self, family: str, reason: str) -> None:
+        """Count every drop; log it at error the first time (and when the reason changes), then at debug."""
+        self.own.render_errors.labels(family=label_value(family)).inc()
+        again = self._dropped.get(family) == reason
+        self._dropped[family] = reason
+        logs.event(log, "family_dropped", logging.DEBUG if again else logging.ERROR, family=family, error=reason)
+
+    def _own(self) -> bytes:
+        try:
+            return self.own.render()
+        except Exception as exc:  # noqa: BLE001 - the exporter's own metrics must not sink the scrape either
+            self.render_error("kvmnet_self", f"{type(exc).__name__}: {exc}")
+            return b""
 
     async def _scrape(self) -> _Result:
         fams = await scrape.scrape(self.service.collectors)
-        return _Result(await asyncio.to_thread(lambda: render(fams) + self.own.render()))
+        return _Result(await asyncio.to_thread(lambda: render(fams, self.render_error) + self._own()))
 
     async def metrics(self) -> _Result:
         """The current scrape's result; starts one if none is running."""
@@ -132,25 +148,38 @@ async def handle_landing(request: web.Request) -> web.Response:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """503 with the reason while a background task the exporter needs is not running (the prober stalled or
+    crashed and is waiting for its restart): a liveness probe can then restart the process."""
+    prober = getattr(request.app[STATE_KEY].service, "prober", None)
+    health = getattr(prober, "health", None)
+    if health is not None:
+        ok, why = health()
+        if not ok:
+            return web.Response(status=503, text=why + "\n")
     return web.Response(text="ok\n")
 
 
 async def handle_reload(request: web.Request) -> web.Response:
+    if not request.app[LIFECYCLE_KEY]:
+        # As Prometheus without --web.enable-lifecycle: 403 and this text. SIGHUP still reloads.
+        return web.Response(status=403, text="Lifecycle API is not enabled.\n")
     ok, msg = await request.app[STATE_KEY].reload()
     return web.Response(status=200 if ok else 500, text=msg + "\n")
 
 
 PROBE_KEY = web.AppKey("probe_handler", Any)
+LIFECYCLE_KEY = web.AppKey("lifecycle", bool)
 
 
 def create_app(service, reload: Callable[[], Any] | None = None, *, probe_handler=None,
-               middlewares: tuple = (), sighup: bool = False) -> web.Application:
+               middlewares: tuple = (), sighup: bool = False, lifecycle: bool = False) -> web.Application:
     """The aiohttp app. `reload` re-reads the files (blocking, raises on bad input); `probe_handler` serves /probe."""
     app = web.Application(middlewares=list(middlewares), client_max_size=64 * 1024)
     state = State(service, reload)
     app[STATE_KEY] = state
     app[SERVICE_KEY] = service
     app[PROBE_KEY] = probe_handler
+    app[LIFECYCLE_KEY] = lifecycle  # --web.enable-lifecycle: POST /-/reload
     app.router.add_get("/", handle_landing)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/healthz", handle_health)

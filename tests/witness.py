@@ -44,3 +44,28 @@ def sysfs_bridge(netns: str, bridge: str, attr: str) -> str:
 
 def run(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", netns, *argv], check=check, capture_output=True, text=True)
+
+
+def links_raw(netns: str) -> dict[str, dict]:
+    """`ip -s -s -j link` for odd names: iproute2 writes device names as their raw bytes (not UTF-8, control
+    characters unescaped), so read bytes, decode with surrogateescape and parse leniently."""
+    out = subprocess.run(["ip", "-n", netns, "-s", "-s", "-j", "link", "show"], check=True,
+                         capture_output=True).stdout
+    return {l["ifname"]: l for l in json.loads(out.decode("utf-8", "surrogateescape"), strict=False)}
+
+
+def expected_label(raw: bytes) -> str:
+    """The documented mapping, written out independently of exporter/exposition.py."""
+    out = []
+    s = raw.decode("utf-8", "surrogateescape")
+    for ch in s:
+        o = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif o < 0x20 or o == 0x7f:
+            out.append("\\x%02x" % o)
+        elif 0xdc80 <= o <= 0xdcff:
+            out.append("\\x%02x" % (o - 0xdc00))
+        else:
+            out.append(ch)
+    return "".join(out)

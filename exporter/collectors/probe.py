@@ -23,8 +23,9 @@ class GuestCollector:
     name = "probe"
     netns = ""
 
-    def __init__(self, prober: Any) -> None:
+    def __init__(self, prober: Any, owner: Any = None) -> None:
         self.prober = prober
+        self.owner = owner  # the GuestProber: /probe refusals
 
     def collect(self) -> Iterable[MetricFamily]:
         up = MetricFamily("kvmnet_guest_up", "gauge",
@@ -62,4 +63,23 @@ class GuestCollector:
             mode.add(labels(netns=netns, family=family, mode=m), 1)
         for (netns, fam) in sorted(self.prober.unavailable()):
             sock.add(labels(netns=netns, family=FAMILY_NAME[fam]), 0)
-        return [up, rtt, req, rep, err, last, info, sock, mode]
+        fams = [up, rtt, req, rep, err, last, info, sock, mode]
+        last_cycle = getattr(self.prober, "last_cycle", None)
+        if last_cycle is not None:
+            beat = MetricFamily("kvmnet_prober_last_cycle_timestamp_seconds", "gauge",
+                                "Unix time the background prober last started a cycle (at least once per interval "
+                                "while it runs). Alert KvmnetProbingStopped fires when it falls behind.")
+            beat.add("", last_cycle)
+            ival = MetricFamily("kvmnet_prober_interval_seconds", "gauge",
+                                "The background prober's interval (probe.interval): each guest is pinged once per "
+                                "interval.")
+            ival.add("", getattr(self.prober, "interval", 0.0))
+            fams += [beat, ival]
+        if self.owner is not None:
+            rej = MetricFamily("kvmnet_http_probe_rejected_total", "counter",
+                               "/probe requests refused: bad_request (400), netns_not_watched (403), too_many (429: "
+                               "the in-flight cap).")
+            for reason in ("bad_request", "netns_not_watched", "too_many"):
+                rej.add(labels(reason=reason), self.owner.rejected.get(reason, 0))
+            fams.append(rej)
+        return fams

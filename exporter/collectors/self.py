@@ -7,8 +7,8 @@ from __future__ import annotations
 import platform
 import time
 
-from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import __version__
 
@@ -21,6 +21,16 @@ class _BuildInfo:
         yield g
 
 
+class _TaskRestarts:
+    def collect(self):
+        from .. import tasks
+        c = CounterMetricFamily("kvmnet_task_restarts", "Background tasks (prober, discovery) restarted after they "
+                                "crashed or ended (the exporter's log has the traceback).", labels=["task"])
+        for task in ("prober", "discovery", *sorted(set(tasks.restarts) - {"prober", "discovery"})):
+            c.add_metric([task], tasks.restarts.get(task, 0))
+        yield c
+
+
 class SelfMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -31,6 +41,10 @@ class SelfMetrics:
                                registry=self.registry)
         self.reload_ts = Gauge("kvmnet_config_last_reload_success_timestamp_seconds",
                                "Timestamp of the last successful configuration reload.", registry=self.registry)
+        self.render_errors = Counter("kvmnet_scrape_render_errors", "Metric families dropped from a scrape because "
+                                     "they could not be rendered (see the exporter's log).", ["family"],
+                                     registry=self.registry)
+        self.registry.register(_TaskRestarts())
         self.reload_succeeded()
 
     def reload_succeeded(self) -> None:
@@ -39,6 +53,10 @@ class SelfMetrics:
 
     def reload_failed(self) -> None:
         self.reload_ok.set(0)
+
+    def add(self, collector) -> None:
+        """Register another collector of the exporter's own (the HTTP limits, the prober's heartbeat)."""
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterable
 from kvmnet.common import netns as nsmod
 from kvmnet.common.logfmt import fmt
 
+from .. import tasks
 from .packets import FAMILY_NAME, PAYLOAD_SIZE
 from .socket import IcmpSocket, _Pending
 from .state import GuestState
@@ -31,6 +33,13 @@ log = logging.getLogger("kvmnet.icmp")
 
 RETRY_OPEN = 1.0  # seconds before trying again to open a socket that failed (namespace gone, not permitted)
 TICK = 0.01  # the finest batch spacing of sends, seconds
+# Liveness: the loop stamps `last_cycle` at every cycle (at least once per interval, targets or not). Older than
+# STALE_CYCLES intervals (and at least STALE_MIN seconds), the prober counts as stalled: /healthz fails and no guest
+# is exported as up. A guest whose own last result (reply or loss) is older than that plus its timeout is exported
+# as down even while the loop runs: up is never kept on stale data.
+STALE_CYCLES = 3
+STALE_MIN = 5.0
+PROBE_BUDGET_MAX = 60.0  # seconds an on-demand probe may take
 
 
 class Prober:
@@ -61,6 +70,7 @@ class Prober:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self.sources: dict[str, list[Target]] = {}  # "static", "discovery": merged in that order of precedence
+        self.last_cycle = 0.0  # wall-clock time of the loop's last cycle; 0 before the first
 
     # -- targets -------------------------------------------------------------------------------------------------
     def set_targets(self, targets: Iterable[Any], source: str = "static") -> None:
@@ -102,7 +112,20 @@ class Prober:
             return
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="kvmnet-prober")
+        self.last_cycle = time.time()  # the grace period starts now, not at the epoch
+        self._task = tasks.start("prober", self._run)
+
+    def stale_after(self) -> float:
+        return max(STALE_CYCLES * self.interval, STALE_MIN)
+
+    def health(self) -> tuple[bool, str]:
+        """(running, why not): the task exists and its loop cycled within stale_after()."""
+        if self._task is None or self._task.done():
+            return False, "prober not running"
+        age = time.time() - self.last_cycle
+        if age > self.stale_after():
+            return False, f"prober stalled: last cycle {age:.1f}s ago"
+        return True, "ok"
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -236,6 +259,7 @@ class Prober:
                     with self.lock:
                         order = list(self._order)
                     self._prune(order)
+                    self.last_cycle = time.time()  # after the cycle's bookkeeping: a crash loop is no heartbeat
                     i = 0
                 slot = self.interval / max(len(order), 1)
                 while i < len(order) and cycle_start + i * slot <= now:
@@ -260,11 +284,17 @@ class Prober:
 
     # -- reading -------------------------------------------------------------------------------------------------
     def snapshot(self) -> list[tuple[Target, bool, int, int, int, float, list[int], float, int]]:
-        """(target, up, requests, replies, send_errors, last_reply, cumulative buckets, rtt sum, rtt count)."""
+        """(target, up, requests, replies, send_errors, last_reply, cumulative buckets, rtt sum, rtt count).
+
+        `up` is only true on fresh data: the loop is alive and this guest had a result within its staleness bound."""
+        now = time.time()
+        alive = self.health()[0]
+        fresh_for = self.stale_after() + self.timeout
         with self.lock:
             out = []
             for st in self._order:
-                out.append((st.target, st.up, st.requests, st.replies, st.send_errors, st.last_reply,
+                up = st.up and alive and now - st.last_result <= fresh_for
+                out.append((st.target, up, st.requests, st.replies, st.send_errors, st.last_reply,
                             st.cumulative(), st.rtt_sum, sum(st.buckets)))
             return out
 
@@ -276,6 +306,11 @@ class Prober:
     async def probe(self, address: str, netns: str = "", count: int = 3, budget: float = 3.0) -> "ProbeResult":
         """Ping `address` `count` times within `budget` seconds on the shared socket (blackbox-style)."""
         addr = ipaddress.ip_address(address)
+        # Checked here as well as in /probe: a NaN deadline in the loop's timer heap stalls every timer after it.
+        if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget <= PROBE_BUDGET_MAX):
+            raise ValueError(f"budget: not a number of seconds in (0, {PROBE_BUDGET_MAX:g}]: {budget!r}")
+        if not (isinstance(count, int) and 1 <= count <= 1000):
+            raise ValueError(f"count: not from 1 to 1000: {count!r}")
         family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
         loop = asyncio.get_running_loop()
         if self._loop is None:
@@ -336,7 +371,7 @@ class GuestProber:
 
     def __init__(self, prober: Prober | None = None, render: Callable[[Prober], Any] | None = None) -> None:
         self.prober = prober or Prober()
-        self.render = render  # Prober -> the collector of its kvmnet_guest_* series (collectors/probe.py)
+        self.render = render  # (Prober, GuestProber) -> the collector of its kvmnet_guest_* series (collectors/probe.py)
         self.discovery = Discovery()
         self.discover = True
         self.namespaces: list[str] = []
@@ -344,6 +379,9 @@ class GuestProber:
         self.directory: Any = None  # the service's GuestDirectory (guest names); None: tap names are used
         self.source_for: Callable[[str], Any] | None = None  # the service's netlink source of a namespace
         self._task: asyncio.Task | None = None
+        self.target_namespaces: set[str] = set()  # where configured targets are probed from: /probe may too
+        self.inflight = 0  # /probe requests being answered
+        self.rejected: dict[str, int] = {}  # /probe refusals by reason (http.py)
 
     def reconfigure(self, loaded: Any) -> None:
         cfg = getattr(getattr(loaded, "config", None), "probe", None)
@@ -354,7 +392,9 @@ class GuestProber:
             self.discover = cfg.discover
         self.watched = list(getattr(loaded, "watched", [""]))
         self.namespaces = self.watched if self.discover else []
-        self.prober.set_targets(getattr(loaded, "targets", []))
+        targets = list(getattr(loaded, "targets", []))
+        self.target_namespaces = {getattr(t, "netns", "") or "" for t in targets}
+        self.prober.set_targets(targets)
         if not self.discover:
             self.prober.set_targets([], source="discovery")
 
@@ -363,7 +403,7 @@ class GuestProber:
             self.reconfigure(loaded)
         await self.prober.start()
         if self._task is None:
-            self._task = asyncio.create_task(self._discover_loop(), name="kvmnet-discovery")
+            self._task = tasks.start("discovery", self._discover_loop)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -383,9 +423,16 @@ class GuestProber:
                 self.prober.set_targets(found, source="discovery")
             await asyncio.sleep(DISCOVER_EVERY)
 
+    def health(self) -> tuple[bool, str]:
+        """For /healthz: the probe loop is running and cycling, and so is discovery."""
+        ok, why = self.prober.health()
+        if ok and (self._task is None or self._task.done()):
+            return False, "discovery not running"
+        return ok, why
+
     def collectors(self) -> list[Any]:
-        return [self.render(self.prober)] if self.render is not None else []
+        return [self.render(self.prober, self)] if self.render is not None else []
 
     async def handle_probe(self, request: Any) -> Any:
         from .http import probe_handler  # http.py imports this module: resolved at call time, no import cycle
-        return await probe_handler(request, self.prober, self.watched)
+        return await probe_handler(request, self.prober, self.watched, owner=self)

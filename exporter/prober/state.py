@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import socket
+import time
 from bisect import bisect_left
 
 from .targets import Target
@@ -20,12 +21,13 @@ class GuestState:
     """Counters of one target; survives target list replacements while (netns, name) stays."""
 
     __slots__ = ("target", "addr", "family", "requests", "replies", "send_errors", "lost_in_row", "up",
-                 "last_reply", "buckets", "rtt_sum", "last_error", "recent")
+                 "last_reply", "buckets", "rtt_sum", "last_error", "recent", "last_result")
 
     def __init__(self, target: Target) -> None:
         self.requests = self.replies = self.send_errors = self.lost_in_row = 0
         self.up = False  # unknown until the first reply: never answered is not up
         self.last_reply = 0.0
+        self.last_result = 0.0  # wall clock of the last reply or loss: how fresh `up` is
         self.buckets = [0] * (len(BUCKETS) + 1)
         self.rtt_sum = 0.0
         self.last_error = ""
@@ -41,12 +43,13 @@ class GuestState:
         self.replies += 1
         self.lost_in_row = 0
         self.up = True
-        self.last_reply = now
+        self.last_reply = self.last_result = now
         self.buckets[bucket_index(rtt)] += 1
         self.rtt_sum += rtt
         self.recent.append(rtt)
 
-    def on_loss(self, down_after: int) -> None:
+    def on_loss(self, down_after: int, now: float | None = None) -> None:
+        self.last_result = time.time() if now is None else now
         self.lost_in_row += 1
         if self.lost_in_row >= down_after:
             self.up = False

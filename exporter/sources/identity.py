@@ -365,7 +365,9 @@ class GuestDirectory:
             raw = _read(f"{self.proc}/{pid}/cmdline", "rb")
             if not raw or (b"qemu" not in raw[:256] and b"kvm" not in raw[:256]):
                 continue
-            argv = [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")]
+            # surrogateescape, not "replace": two -name values that differ only in undecodable bytes stay two
+            # guests (the exposition maps those bytes to \xNN, README "Odd names")
+            argv = [a.decode("utf-8", "surrogateescape") for a in raw.rstrip(b"\0").split(b"\0")]
             if not is_qemu(argv):
                 continue
             ino = _ns_ino(f"{self.proc}/{pid}/ns/net")

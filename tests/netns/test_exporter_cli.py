@@ -184,6 +184,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_bad_config_and_flags_exit_2_with_one_line(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("probe:\n  targets:\n    - {name: a, address: 10.0.0.1}\n    - {name: b, address: nope}\n")
+    tiny = tmp_path / "tiny.yml"
+    tiny.write_text("probe:\n  interval: 0.0000001ms\n")
     cases = [
         (["--config.file", str(bad)], "probe.targets[1].address: not an IP address: 'nope'"),
         (["--config.file", str(bad), "--config.check"], "probe.targets[1].address"),
@@ -193,6 +195,15 @@ def test_bad_config_and_flags_exit_2_with_one_line(tmp_path):
         (["--device.include", "(["], "--device.include"),
         (["--log.format", "xml"], "--log.format"),
         (["--collector.nope"], "--collector.nope"),
+        (["--netns", "lab\n"], "--netns"),
+        (["--netns", "a" * 256], "--netns"),
+        (["--netns", ".."], "--netns"),
+        (["--web.listen-address", "127.0.0.1\n:9848"], "--web.listen-address"),
+        (["--web.listen-address", ":0"], "--web.listen-address"),
+        (["--web.listen-address", ":٩٨٤٨"], "--web.listen-address"),
+        (["--device.include", "a" * 2000], "--device.include"),
+        (["--config.file", str(tiny)], "probe.interval: must be from 10ms to 3600s"),
+        (["--config.file", str(tiny), "--config.check"], "probe.interval"),
     ]
     for args, needle in cases:
         r = run_cli(*args)
@@ -200,6 +211,15 @@ def test_bad_config_and_flags_exit_2_with_one_line(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_sigterm_always_stops_it(netns, exporters):
+    """SIGTERM is handled by a plain signal handler with a forced-exit watchdog: even a starved event loop stops."""
+    e = exporters("--netns", netns, "--no-collector.probe")
+    assert e.get("/metrics")[0] == 200
+    t0 = time.monotonic()
+    e.stop()
+    assert e.proc.returncode == 0 and time.monotonic() - t0 < 5
 
 
 def test_config_check_and_version(tmp_path):
@@ -223,7 +243,7 @@ def test_sighup_reload_and_json_logs(netns_factory, exporters, tmp_path):
     a, b = netns_factory("ke"), netns_factory("ke")
     cfg = tmp_path / "kvmnet.yml"
     cfg.write_text(f"netns: [{a}]\n")
-    e = exporters("--config.file", str(cfg), "--no-collector.probe", log_format="json")
+    e = exporters("--config.file", str(cfg), "--no-collector.probe", "--web.enable-lifecycle", log_format="json")
     text = e.metrics()
     assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=a) == 1
     assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=b) is None
@@ -260,7 +280,7 @@ def test_prober_wired_config_targets_and_probe_endpoint(netns_factory, exporters
     cfg = tmp_path / "kvmnet.yml"
     cfg.write_text(f"netns: [{a}]\nprobe:\n  interval: 200ms\n  timeout: 500ms\n  discover: false\n"
                    f"  targets:\n    - {{name: g0, address: 10.77.0.2}}\n    - {{name: gone, address: 10.77.0.9}}\n")
-    e = exporters("--config.file", str(cfg))
+    e = exporters("--config.file", str(cfg), "--web.enable-lifecycle")
     deadline = time.monotonic() + 15
     while True:
         text = e.metrics()
@@ -276,6 +296,15 @@ def test_prober_wired_config_targets_and_probe_endpoint(netns_factory, exporters
     assert status == 200 and value(body.decode(), "probe_success") == 1
     status, _, _ = e.get("/probe?target=not-an-ip")
     assert status == 400
+    status, _, _ = e.get(f"/probe?target=10.77.0.2&netns={b}")  # exists, but not watched
+    assert status == 403
+    status, body, _ = e.get("/probe?target=10.77.0.2&netns=&count=1")  # empty = the default (a), not our own
+    assert status == 200 and value(body.decode(), "probe_success") == 1
+    for bad in ("nan", "inf", "-1", "junk"):
+        status, _, _ = e.get(f"/probe?target=10.77.0.2&netns={a}",
+                             headers={"X-Prometheus-Scrape-Timeout-Seconds": bad})
+        assert status == 400
+    assert e.get("/healthz")[0] == 200
 
     # reload drops a target and changes nothing else
     cfg.write_text(f"netns: [{a}]\nprobe:\n  interval: 200ms\n  discover: false\n"

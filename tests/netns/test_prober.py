@@ -362,6 +362,7 @@ async def test_probe_handler_on_demand(lab):
 
     lb = lab(1)
     gp = engine.GuestProber(Prober())
+    gp.watched = ["", lb.host]  # /probe only probes from watched namespaces
     app = web.Application()
     app.router.add_get("/probe", gp.handle_probe)
     async with TestClient(TestServer(app)) as client:
@@ -379,5 +380,6 @@ async def test_probe_handler_on_demand(lab):
         assert fams["probe_duration_seconds"].samples[0].value <= 1.2
         assert (await client.get("/probe", params={"target": "nope"})).status == 400
         assert (await client.get("/probe", params={"target": "10.0.0.1", "count": "0"})).status == 400
-        assert (await client.get("/probe", params={"target": "10.0.0.1", "netns": "../x"})).status == 400
+        assert (await client.get("/probe", params={"target": "10.0.0.1", "netns": "../x"})).status == 403
+        assert (await client.get("/probe", params={"target": "10.0.0.1", "netns": "kx-unwatched"})).status == 403
     await gp.stop()

@@ -33,7 +33,7 @@ def test_exporter_probes_and_reload_keeps_counters(netns_factory, exporters, tmp
     lab = Lab(netns_factory, 3)
     cfg = tmp_path / "kvmnet.yml"
     config(cfg, lab.host, [("g1", "10.200.1.1"), ("g2", "10.200.1.2"), ("ghost", "10.200.7.7")])
-    e = exporters("--config.file", str(cfg), "--no-collector.bridge", "--no-collector.fdb")
+    e = exporters("--config.file", str(cfg), "--no-collector.bridge", "--no-collector.fdb", "--web.enable-lifecycle")
     first = e.metrics()
     # Every target has its series at once; a guest that never answers too.
     for g in ("g1", "g2", "ghost"):

@@ -19,7 +19,7 @@ def test_round_trip_through_client_python_parser():
     fams = {f.name: f for f in text_string_to_metric_families(render([a, b, h]).decode())}
     rx = fams["kvmnet_port_receive_bytes"]
     assert [(s.labels["netns"], s.labels["device"], s.value) for s in rx.samples] == [
-        ("ns1", 'we"ird\\name\n', 12345678901234), ("ns2", "vm1eth0", 0.5)]
+        ("ns1", 'we"ird\\\\name\\x0a', 12345678901234), ("ns2", "vm1eth0", 0.5)]
     rtt = fams["kvmnet_guest_ping_rtt_seconds"]
     buckets = [(s.labels["le"], s.value) for s in rtt.samples if s.name.endswith("_bucket")]
     assert buckets == [("1e-05", 1), ("0.001", 3), ("+Inf", 4)]
@@ -28,6 +28,22 @@ def test_round_trip_through_client_python_parser():
 def test_same_name_different_type_is_an_error():
     with pytest.raises(ValueError, match="kvmnet_x"):
         render([MetricFamily("kvmnet_x", "gauge", "x"), MetricFamily("kvmnet_x", "counter", "x")])
+
+
+def test_unrenderable_families_are_dropped_and_reported_the_rest_served():
+    ok = MetricFamily("kvmnet_ok", "gauge", "ok")
+    ok.add(labels(device="br\udcff"), 1)
+    clash = [MetricFamily("kvmnet_x", "gauge", "x"), MetricFamily("kvmnet_x", "counter", "x")]
+    bad_help = MetricFamily("kvmnet_h", "gauge", "help \udcff")  # a help text that is not encodable
+    bad_name = MetricFamily("kvmnet bad", "gauge", "x")
+    bad_value = MetricFamily("kvmnet_v", "gauge", "x")
+    bad_value.add(labels(device="a"), 1)
+    bad_value.add(labels(device="b"), None)  # a collector bug: one value that is not a number
+    errors = []
+    out = render([ok, *clash, bad_help, bad_name, bad_value], lambda fam, why: errors.append(fam))
+    assert sorted(errors) == ["kvmnet bad", "kvmnet_h", "kvmnet_v", "kvmnet_x"]
+    fams = list(text_string_to_metric_families(out.decode()))
+    assert [(f.name, f.samples[0].labels) for f in fams] == [("kvmnet_ok", {"device": "br\\xff"})]
 
 
 @pytest.mark.parametrize("value,text", [(3, "3"), (2.0, "2"), (0.25, "0.25"), (float("inf"), "+Inf"),

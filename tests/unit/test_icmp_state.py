@@ -1,8 +1,10 @@
 """Pure prober logic: histogram buckets, the down rule, target replacement keeping counters, rendering."""
 import ipaddress
 import socket
+import time
 from types import SimpleNamespace
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmnet.exporter.collectors.probe import GuestCollector
@@ -95,7 +97,10 @@ def test_collector_renders_all_series_for_a_guest_that_never_answered():
                                              device="vm1eth0")])
     st = p.states[("ns", "vm1")]
     st.requests, st.send_errors = 3, 1
+    p._task = SimpleNamespace(done=lambda: False)  # a running loop that cycled just now
+    p.last_cycle = time.time()
     st.on_reply(40e-6, 1234.5)
+    st.last_result = time.time()
     text = render(GuestCollector(p).collect()).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     by = lambda fam, suffix="": {(s.labels.get("guest"), s.name): s.value for s in fams[fam].samples
@@ -115,5 +120,33 @@ def test_collector_renders_all_series_for_a_guest_that_never_answered():
 def test_budget_from_scrape_timeout_header():
     assert _budget("10") == 9.5
     assert _budget(None) == 3.0
-    assert _budget("junk") == 3.0
     assert _budget("0.1") == 0.1
+    assert _budget("1e308") == 60.0
+    for bad in ("junk", "", "nan", "NaN", "inf", "-inf", "-1", "0", "1" * 400, " "):
+        with pytest.raises(ValueError, match="X-Prometheus-Scrape-Timeout-Seconds"):
+            _budget(bad)
+
+
+def test_up_is_never_exported_on_stale_data():
+    p = Prober(interval=1.0, timeout=1.0)
+    p.set_targets([T("vm1", "10.0.0.2")])
+    st = p.states[("ns", "vm1")]
+    now = time.time()
+    st.on_reply(40e-6, now)
+
+    def up():
+        fams = {f.name: f for f in text_string_to_metric_families(render(GuestCollector(p).collect()).decode())}
+        return fams["kvmnet_guest_up"].samples[0].value
+
+    assert up() == 0  # the loop never started: no claim
+    p._task = SimpleNamespace(done=lambda: False)
+    p.last_cycle = now
+    assert up() == 1 and p.health() == (True, "ok")
+    p.last_cycle = now - 6  # the loop stopped cycling (stalled): > max(3 intervals, 5 s)
+    assert up() == 0 and p.health()[0] is False and "stalled" in p.health()[1]
+    p.last_cycle = now
+    st.last_result = now - 7  # the loop runs but this guest had no result for too long
+    assert up() == 0
+    p._task = SimpleNamespace(done=lambda: True)  # crashed, waiting for its restart
+    st.last_result = now
+    assert up() == 0 and p.health() == (False, "prober not running")

@@ -79,5 +79,62 @@ async def test_silent_client_cut_off_and_big_body_refused():
         assert reply.startswith(b"HTTP/1.1 413")
         assert (await request(port, b"POST /fast HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + b"x" * 10)
                 ).startswith(b"HTTP/1.1 200")
+        assert tracker.too_large == 1 and tracker.malformed == 0
+        assert (await request(port, b"GET /fast HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+                ).startswith((b"HTTP/1.1 4", b"HTTP/1.0 4"))
+        assert (await request(port, b"\x16\x03\x01garbage\r\n\r\n")).startswith((b"HTTP/1.1 400", b"HTTP/1.0 400"))
+        assert tracker.malformed == 2
+        names = {m.name: m.samples[0].value for m in tracker.collect()}
+        assert names["kvmnet_http_requests_malformed"] == 2 and names["kvmnet_http_connections_timed_out"] == 1
     finally:
         await stop(task)
+
+
+def test_sigterm_stops_even_a_starved_event_loop(tmp_path):
+    """A handler that never yields starves the event loop (what `probe.interval: 0.0000001ms` used to do): SIGTERM
+    must still end the process, by the forced-exit watchdog (shutdown timeout + 5 s)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    script = tmp_path / "spin.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from aiohttp import web\n"
+        "from kvmnet.exporter.limits import Limits, serve_async\n"
+        "async def spin(request):\n"
+        "    while True:\n"
+        "        pass\n"
+        "async def ok(request):\n"
+        "    return web.Response(text='ok')\n"
+        "app = web.Application()\n"
+        "app.router.add_get('/spin', spin)\n"
+        "app.router.add_get('/ok', ok)\n"
+        f"asyncio.run(serve_async(app, '127.0.0.1', {port}, limits=Limits(shutdown_timeout=0.5)))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ok", timeout=1).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        import socket
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"GET /spin HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # the loop is now spinning in the handler
+        t0 = time.monotonic()
+        proc.terminate()
+        proc.wait(timeout=15)
+        took = time.monotonic() - t0
+        s.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and 4 < took < 9, (proc.returncode, took)
+    assert "event=forced_exit" in proc.stderr.read()

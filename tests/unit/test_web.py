@@ -57,7 +57,7 @@ def make(tmp_path, delay=0.0, config_text=None):
         settings.config_file = str(tmp_path / "kvmnet.yml")
         (tmp_path / "kvmnet.yml").write_text(config_text)
     service = Service(settings, load(settings), factories={"standin": factory})
-    app = create_app(service, reload=lambda: load(settings))
+    app = create_app(service, reload=lambda: load(settings), lifecycle=True)
     return app, made, settings
 
 
@@ -205,7 +205,7 @@ def test_bad_request_logged_as_one_line_without_traceback():
     assert "level=warn" in out and "event=bad_request client=127.0.0.1" in out
 
 
-async def test_inconsistent_families_are_a_500_not_a_crash(aiohttp_client):
+async def test_inconsistent_families_are_dropped_counted_and_the_rest_served(aiohttp_client, caplog):
     class Clash(StandIn):
         name = "clash"
 
@@ -219,8 +219,43 @@ async def test_inconsistent_families_are_a_500_not_a_crash(aiohttp_client):
                       factories={"standin": lambda ns, s: StandIn(ns), "clash": lambda ns, s: Clash(ns)})
     client = await aiohttp_client(create_app(service))
     r = await client.get("/metrics")
-    assert r.status == 500 and "kvmnet_standin_value" in await r.text()
+    assert r.status == 200  # node_exporter's ContinueOnError: one bad family never sinks the scrape
+    fams = families(await r.text())
+    assert "kvmnet_standin_value" not in fams and "kvmnet_scrape_collector_success" in fams
+    assert sample(fams, "kvmnet_scrape_render_errors_total", family="kvmnet_standin_value") == 1
+    assert any("event=family_dropped family=kvmnet_standin_value" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    fams = families(await (await client.get("/metrics")).text())
+    assert sample(fams, "kvmnet_scrape_render_errors_total", family="kvmnet_standin_value") == 2
+    assert not [r for r in caplog.records if "family_dropped" in r.getMessage() and r.levelno >= 40]  # once
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_reload_over_http_needs_the_lifecycle_flag(aiohttp_client):
+    settings = Settings(enabled={"probe": False, "identity": False})
+    service = Service(settings, load(settings), factories={})
+    client = await aiohttp_client(create_app(service, reload=lambda: load(settings)))
+    r = await client.post("/-/reload")
+    assert r.status == 403 and (await r.text()).strip() == "Lifecycle API is not enabled."
+
+
+async def test_healthz_fails_while_the_prober_is_not_running(aiohttp_client):
+    class Prober:
+        ok = (True, "ok")
+
+        async def start(self, loaded): ...
+        async def stop(self): ...
+        def health(self):
+            return self.ok
+
+    p = Prober()
+    settings = Settings(enabled={"identity": False})
+    service = Service(settings, load(settings), factories={}, prober=p)
+    client = await aiohttp_client(create_app(service))
+    assert (await client.get("/healthz")).status == 200
+    p.ok = (False, "prober stalled: last cycle 9.0s ago")
+    r = await client.get("/healthz")
+    assert r.status == 503 and (await r.text()).strip() == "prober stalled: last cycle 9.0s ago"
 
 
 async def test_prober_lifecycle_and_a_failing_start(aiohttp_client):
@@ -246,7 +281,7 @@ async def test_prober_lifecycle_and_a_failing_start(aiohttp_client):
         p = Prober(fail)
         settings = Settings(enabled={"identity": False})
         service = Service(settings, load(settings), factories={}, prober=p)
-        client = await aiohttp_client(create_app(service, reload=lambda: load(settings)))
+        client = await aiohttp_client(create_app(service, reload=lambda: load(settings), lifecycle=True))
         assert p.events == ["start"]
         assert (await client.post("/-/reload")).status == 200
         assert p.events == ["start", "reconfigure"]
