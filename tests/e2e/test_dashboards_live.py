@@ -262,15 +262,14 @@ class LiveLab:
                        "    time.sleep(0.02)\n")
         return f"guest {name} sends 50 VLAN-tagged frames/s to br0's MAC"
 
-    def write_lab(self, macs: dict[str, str] | None = None) -> None:
-        """The lab file the exporter reads: light guests and tap guests, `macs` overriding configured MACs."""
-        macs = macs or {}
+    def write_lab(self) -> None:
+        """The lab file the exporter reads: light guests and tap guests (not SHAPED, not CLONE)."""
         h = self.host
         lab = {"name": h, "mode": "netns", "namespaces": {"host": h},
                "bridges": [{"name": "br0", "address": "10.77.0.1/24"}],
                "taps": [{"name": tap} for _, tap, _, _ in TAPS if tap in PERSISTENT],
                "guests": [{"name": n, "kind": "netns", "netns": self.guest_ns[n], "tap": port, "bridge": "br0",
-                           "mac": macs.get(n, mac), "address": f"{addr}/24"} for n, port, addr, mac in LIGHT]
+                           "mac": mac, "address": f"{addr}/24"} for n, port, addr, mac in LIGHT]
                + [{"name": n, "kind": "qemu", "tap": tap, "bridge": "br0", "mac": mac, "address": f"{addr}/24"}
                   for n, tap, addr, mac in TAPS]}
         (self.tmp / "lab.yaml").write_text(yaml.safe_dump(lab, sort_keys=False))
