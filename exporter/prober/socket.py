@@ -74,14 +74,17 @@ class IcmpSocket:
     """One ICMP socket on the event loop: sends echo requests, matches replies to pending probes."""
 
     def __init__(self, netns: str, family: int, loop: asyncio.AbstractEventLoop, on_result: Callable,
-                 mode: str = "auto", payload_size: int = PAYLOAD_SIZE, tx_timestamps: bool = True) -> None:
+                 mode: str = "auto", payload_size: int = PAYLOAD_SIZE, tx_timestamps: bool = True,
+                 opener: Callable[[str, int, str], tuple[socket.socket, str]] = open_icmp_socket) -> None:
+        """`opener(netns, family, mode) -> (socket, "raw" | "dgram")` makes the kernel socket (open_icmp_socket;
+        tests/unit/fakeicmp.py injects one that answers echo requests without root)."""
         self.netns = netns
         self.family = family
         self.loop = loop
         self.on_result = on_result  # (pending, rtt seconds | None) -> None
         self.payload_size = payload_size
         self.inode = nsmod.inode(netns) if netns else 0
-        self.sock, self.mode = open_icmp_socket(netns, family, mode)
+        self.sock, self.mode = opener(netns, family, mode)
         self.raw = self.mode == "raw"
         self.pending: dict[int, _Pending] = {}
         self._seq = random.randrange(1 << 16)

@@ -5,6 +5,7 @@ import collections
 import socket
 import time
 from bisect import bisect_left
+from itertools import accumulate
 
 from .targets import Target
 
@@ -55,8 +56,4 @@ class GuestState:
             self.up = False
 
     def cumulative(self) -> list[int]:
-        out, c = [], 0
-        for n in self.buckets[:-1]:
-            c += n
-            out.append(c)
-        return out
+        return list(accumulate(self.buckets[:-1]))

@@ -36,6 +36,16 @@ Namespaces: sockets pin the namespace they were made in, even after `ip netns de
 that /run/netns/NAME still exists and is the same namespace (inode); if it is gone it raises NetnsGone and closes
 the sockets, if it was recreated the sockets are reopened and everything resynced.
 
+Failures fail closed, per request, and never cost a resync. A dump the kernel ends with an error (NLMSG_ERROR, or
+an NLMSG_DONE whose int is a negative errno), a dump still marked NLM_F_DUMP_INTR after DUMP_ATTEMPTS tries, or a
+message that does not decode (a length past its buffer or message, a short attribute) raises NetlinkProtocolError:
+the collector that asked fails that scrape (kvmnet_scrape_collector_success 0), the others are served, and nothing
+from the bad dump is used. Those dumps were read to their end, so the sockets and the event-kept tables stay. A
+timeout or socket error closes only the request socket (it may hold the rest of a dump); a malformed event, like
+ENOBUFS, resyncs. `dumps_interrupted` and `errors` count them (kvmnet_netlink_dump_interrupted_total,
+kvmnet_netlink_errors_total). The sockets come from `socket_factory` (open_netlink), so tests/unit/test_netlink_io.py
+runs all of this without root against a fake kernel.
+
 Constants come from the kernel UAPI headers:
 https://github.com/torvalds/linux/blob/master/include/uapi/linux/{netlink,rtnetlink,if_link,neighbour,if_bridge}.h
 """
@@ -50,7 +60,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from kvmnet.common import netns as _netns
 from kvmnet.common import rtnl
@@ -70,7 +80,7 @@ from kvmnet.common.rtnl import (  # bridge internals: STP root and learning limi
     TCA_KIND, TCA_STATS2, TCA_STATS_BASIC, TCA_STATS_PKT64, TCA_STATS_QUEUE)
 
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "BridgeInfo", "Port", "Counters", "FdbCounts", "Link",
-           "Neighbour", "StpCounters", "Qdisc", "NetnsGone", "STP_STATES"]
+           "Neighbour", "StpCounters", "Qdisc", "NetnsGone", "STP_STATES", "NetlinkProtocolError", "open_netlink"]
 
 # <linux/if_tun.h>
 IFF_TUN, IFF_TAP = 0x1, 0x2
@@ -243,20 +253,42 @@ def _cstr(data: bytes, a: tuple[int, int]) -> str:
     return data[a[0]:a[1]].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
+class Malformed(ValueError):
+    """A netlink message or attribute shorter than its layout."""
+
+
+def _u32(data: bytes, a: tuple[int, int]) -> int:
+    if a[1] - a[0] < 4:
+        raise Malformed(f"u32 attribute of {a[1] - a[0]} bytes")
+    return _U32.unpack_from(data, a[0])[0]
+
+
+def _u8(data: bytes, a: tuple[int, int]) -> int:
+    if a[1] <= a[0]:
+        raise Malformed("empty u8 attribute")
+    return data[a[0]]
+
+
+def _need(off: int, end: int, size: int, what: str) -> None:
+    if end - off < size:
+        raise Malformed(f"{what} message of {end - off} bytes, needs {size}")
+
+
 def parse_link(data: bytes, off: int, end: int) -> Link | None:
-    """An RTM_NEWLINK (AF_UNSPEC) message."""
+    """An RTM_NEWLINK (AF_UNSPEC) message. Raises Malformed when it or an attribute we read is short."""
+    _need(off, end, 32, "ifinfomsg")
     _family, _type, index, flags, _change = _IFI.unpack_from(data, off + 16)
-    at = _attrs(data, off + 32, end)
+    at = _attrs(data, off + 32, end, True)
     name = at.get(IFLA_IFNAME)
     if name is None:
         return None
     link = Link(index=index, name=_cstr(data, name), kind="physical", flags=flags, mac=_mac(data, at.get(IFLA_ADDRESS)))
     if (a := at.get(IFLA_MASTER)) is not None:
-        link.master = _U32.unpack_from(data, a[0])[0]
+        link.master = _u32(data, a)
     if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
-        link.carrier_changes = _U32.unpack_from(data, a[0])[0]
+        link.carrier_changes = _u32(data, a)
     if (a := at.get(IFLA_TXQLEN)) is not None:
-        link.txqlen = _U32.unpack_from(data, a[0])[0]
+        link.txqlen = _u32(data, a)
     if (a := at.get(IFLA_LINKINFO)) is not None:
         info = _attrs(data, a[0], a[1])
         if (k := info.get(IFLA_INFO_KIND)) is not None:
@@ -265,17 +297,17 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
         if d is not None and link.kind == "bridge":
             br = _attrs(data, d[0], d[1])
             if (s := br.get(IFLA_BR_STP_STATE)) is not None:
-                link.stp_enabled = _U32.unpack_from(data, s[0])[0] != 0
+                link.stp_enabled = _u32(data, s) != 0
             link.br = _bridge_info(data, br)
         elif d is not None and link.kind == "tun":
             tun = _attrs(data, d[0], d[1])
             if (t := tun.get(IFLA_TUN_TYPE)) is not None:
-                link.kind = "tap" if data[t[0]] == IFF_TAP else "tun"
+                link.kind = "tap" if _u8(data, t) == IFF_TAP else "tun"
         sk, sd = info.get(IFLA_INFO_SLAVE_KIND), info.get(IFLA_INFO_SLAVE_DATA)
         if sk is not None and sd is not None and _cstr(data, sk) == "bridge":
             port = _attrs(data, sd[0], sd[1])
             if (s := port.get(IFLA_BRPORT_STATE)) is not None:
-                link.stp_state = data[s[0]]
+                link.stp_state = _u8(data, s)
     return link
 
 
@@ -302,19 +334,21 @@ def _bridge_info(data: bytes, br: dict[int, tuple[int, int]]) -> BridgeInfo:
 
 def parse_bridge_protinfo(data: bytes, off: int, end: int) -> tuple[int, int | None]:
     """An AF_BRIDGE RTM_NEWLINK (what the bridge sends on STP state changes): (ifindex, port state or None)."""
+    _need(off, end, 32, "ifinfomsg")
     _family, _type, index, _flags, _change = _IFI.unpack_from(data, off + 16)
     at = _attrs(data, off + 32, end)
     p = at.get(IFLA_PROTINFO)
     if p is None:
         return index, None
     s = _attrs(data, p[0], p[1]).get(IFLA_BRPORT_STATE)
-    return index, (data[s[0]] if s is not None else None)
+    return index, (_u8(data, s) if s is not None else None)
 
 
 def parse_stats(data: bytes, off: int, end: int) -> tuple[int, Counters, StpCounters | None] | None:
     """An RTM_NEWSTATS message: IFLA_STATS_LINK_64 and, for bridge ports, the STP part of the bridge's slave
     xstats (IFLA_STATS_LINK_XSTATS_SLAVE > LINK_XSTATS_TYPE_BRIDGE > BRIDGE_XSTATS_STP). The rest of the xstats
     (per-port multicast counters, ~300 bytes) comes along because the kernel has no finer filter for it."""
+    _need(off, end, 28, "if_stats_msg")
     _family, index, _mask = _STATS_HDR.unpack_from(data, off + 16)
     at = _attrs(data, off + 28, end)
     a = at.get(IFLA_STATS_LINK_64)
@@ -341,25 +375,29 @@ def fdb_type(state: int) -> int:
 def parse_fdb(data: bytes, off: int, end: int) -> FdbEntry | None:
     """An AF_BRIDGE RTM_NEWNEIGH/DELNEIGH. Only the bridge's own entries (NDA_MASTER) count; the per-device
     "self" entries (unicast/multicast address lists, ndo_dflt_fdb_dump) have no master and give None."""
+    _need(off, end, 28, "ndmsg")
     family, ifindex, state, _flags, _type = _NDM.unpack_from(data, off + 16)
     if family != AF_BRIDGE:
         return None
-    at = _attrs(data, off + 28, end)
+    at = _attrs(data, off + 28, end, True)
     m = at.get(NDA_MASTER)
     if m is None:
         return None
     v = at.get(NDA_VLAN)
-    return FdbEntry(ifindex, _U32.unpack_from(data, m[0])[0], _mac(data, at.get(NDA_LLADDR)),
+    if v is not None and v[1] - v[0] < 2:
+        raise Malformed("short NDA_VLAN")
+    return FdbEntry(ifindex, _u32(data, m), _mac(data, at.get(NDA_LLADDR)),
                     _U16.unpack_from(data, v[0])[0] if v is not None else 0, fdb_type(state))
 
 
 def parse_neigh(data: bytes, off: int, end: int) -> tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address,
                                                               str, int] | None:
     """An AF_INET/AF_INET6 RTM_NEWNEIGH with both an address and a MAC: (ifindex, address, mac, state)."""
+    _need(off, end, 28, "ndmsg")
     family, ifindex, state, _flags, _type = _NDM.unpack_from(data, off + 16)
     if family not in (AF_INET, AF_INET6):
         return None
-    at = _attrs(data, off + 28, end)
+    at = _attrs(data, off + 28, end, True)
     dst, ll = at.get(NDA_DST), at.get(NDA_LLADDR)
     if dst is None or ll is None or ll[1] - ll[0] != 6:
         return None
@@ -535,6 +573,7 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
     moved = None
     for typ, _f, _s, off, end in iter_messages(chunk):
         if typ == RTM_NEWLINK or typ == RTM_DELLINK:
+            _need(off, end, 32, "ifinfomsg")
             if chunk[off + 16] == AF_BRIDGE:
                 # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify); the AF_UNSPEC ones
                 # carry everything else.
@@ -659,14 +698,48 @@ EVENT_RCVBUF = 8 << 20  # room for a burst of ~5000 link events between two scra
 RECV_SIZE = 1 << 17     # kernel dump skbs are ~32 kB here; never truncate one
 
 
+class NetlinkProtocolError(OSError):
+    """A dump the kernel ended with an error (NLMSG_ERROR, or NLMSG_DONE carrying one), a dump still inconsistent
+    after retries (NLM_F_DUMP_INTR), or a message that does not decode. The scrape that asked fails; the sockets
+    stay (the dump was read to its end), so the next scrape needs no resync."""
+
+
+def open_netlink(netns: str, groups: tuple[int, ...] = ()) -> socket.socket:
+    """A bound NETLINK_ROUTE socket made inside `netns`. With `groups` it is the event socket: a large receive
+    buffer, subscribed to those multicast groups, non-blocking. NetlinkSource's default socket factory; tests
+    inject one that returns an end of a SOCK_SEQPACKET socketpair (datagram boundaries kept, no root)."""
+    s = _netns.socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    try:
+        if groups:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, 33, EVENT_RCVBUF)  # SO_RCVBUFFORCE: root may exceed rmem_max
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_RCVBUF)
+        s.bind((0, 0))
+        for g in groups:
+            s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, g)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+DUMP_ATTEMPTS = 3  # an interrupted dump (NLM_F_DUMP_INTR) is asked again this many times in all
+
+
 class NetlinkSource:
     """One watched namespace: a request socket and an event socket, opened inside it and kept across scrapes.
-    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it: service.Service.source)."""
+    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it: service.Service.source).
 
-    def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0) -> None:
+    `socket_factory(netns, groups)` makes the sockets (open_netlink: groups=() for the request socket, the
+    multicast groups for the event socket)."""
+
+    def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0,
+                 socket_factory: Callable[[str, tuple[int, ...]], socket.socket] = open_netlink) -> None:
         self.netns = netns
         self.resync_interval = resync_interval
         self.timeout = timeout
+        self.socket_factory = socket_factory
         self._lock = threading.Lock()
         self._req: socket.socket | None = None
         self._ev: socket.socket | None = None
@@ -680,6 +753,8 @@ class NetlinkSource:
         self._qdisc_cache: dict[int, tuple[bytes, Qdisc]] = {}
         self._move_logged: dict[tuple[int, str, int], float] = {}
         self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
+        self.dumps_interrupted = 0  # dumps that came back with NLM_F_DUMP_INTR (each retry counts)
+        self.errors = 0  # requests that failed: kernel error, still interrupted, malformed, timeout, socket error
 
     # -- public ---------------------------------------------------------------------------------------------
     def snapshot(self, stats: bool = True, fdb: bool = True) -> BridgeSnapshot:
@@ -688,14 +763,15 @@ class NetlinkSource:
         dumps the FDB. The bridges' own state (root, learned count and limit) is re-read every time."""
         with self._lock:
             self._refresh(fdb)
-            bridges_now = links_from_dump(self._dump(RTM_GETLINK, _BRIDGES_REQ))
+            bridges_now = self._decode(links_from_dump, self._dump(RTM_GETLINK, _BRIDGES_REQ))
             stp: dict[int, StpCounters] | None = None
             qdiscs = None
             counters = None
             if stats:
                 stp = {}
-                counters = stats_from_dump(self._dump(RTM_GETSTATS, _STATS_REQ), stp)
-                qdiscs = qdiscs_from_dump(self._dump(RTM_GETQDISC, _QDISC_REQ), self._qdisc_cache)
+                counters = self._decode(lambda c: stats_from_dump(c, stp), self._dump(RTM_GETSTATS, _STATS_REQ))
+                qdiscs = self._decode(lambda c: qdiscs_from_dump(c, self._qdisc_cache),
+                                      self._dump(RTM_GETQDISC, _QDISC_REQ))
             if not fdb or self._fdb is None:
                 return build_snapshot(self.netns, self._links, counters, None, stp=stp, qdiscs=qdiscs,
                                       bridges_now=bridges_now)
@@ -709,7 +785,7 @@ class NetlinkSource:
         with self._lock:
             self._refresh(True)
             out: dict[str, set[str]] = {}
-            for (_master, mac, _vlan), (ifindex, typ) in self._fdb.items():
+            for (_master, mac, _vlan), (ifindex, typ) in (self._fdb or {}).items():
                 link = self._links.get(ifindex)
                 if typ == LEARNED and link is not None and link.kind != "bridge":
                     out.setdefault(link.name, set()).add(mac)
@@ -720,7 +796,8 @@ class NetlinkSource:
         multicast/broadcast mappings, which name no host. One small dump."""
         with self._lock:
             self._refresh(False)
-            return neighbours_from_dump(self._dump(RTM_GETNEIGH, _NEIGH_REQ), self._links)
+            chunks = self._dump(RTM_GETNEIGH, _NEIGH_REQ)
+            return self._decode(lambda c: neighbours_from_dump(c, self._links), chunks)
 
     def close(self) -> None:
         with self._lock:
@@ -738,21 +815,29 @@ class NetlinkSource:
         self._moves = {}  # ifindexes mean nothing in a reopened (possibly new) namespace
         self._qdisc_cache = {}
 
+    def _close_request_socket(self) -> None:
+        """After a timeout or socket error the request socket may hold the rest of a dump: drop it alone. The
+        event-kept tables stay valid, so the next request reopens it without a resync."""
+        if self._req is not None:
+            self._req.close()
+            self._req = None
+
     def _open(self) -> None:
         self._close()
-        req = _netns.socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        ev = _netns.socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-        req.settimeout(self.timeout)
-        req.bind((0, 0))
-        try:
-            ev.setsockopt(socket.SOL_SOCKET, 33, EVENT_RCVBUF)  # SO_RCVBUFFORCE: root may exceed rmem_max
-        except OSError:
-            ev.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_RCVBUF)
-        ev.bind((0, 0))
-        ev.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_LINK)
-        ev.setblocking(False)
-        self._req, self._ev = req, ev
+        self._ev = self._open_events(with_neigh=False)
         self._synced_at = float("-inf")  # the caller's _refresh does the first dump
+
+    def _open_events(self, with_neigh: bool) -> socket.socket:
+        ev = self.socket_factory(self.netns, (RTNLGRP_LINK, RTNLGRP_NEIGH) if with_neigh else (RTNLGRP_LINK,))
+        ev.setblocking(False)
+        return ev
+
+    def _request_socket(self) -> socket.socket:
+        if self._req is None:
+            req = self.socket_factory(self.netns, ())
+            req.settimeout(self.timeout)
+            self._req = req
+        return self._req
 
     def _check_netns(self) -> None:
         try:
@@ -761,14 +846,17 @@ class NetlinkSource:
             self._close()
             self._ino = 0
             raise
-        if ino != self._ino or self._req is None:
+        if ino != self._ino or self._ev is None:
             self._open()
             self._ino = ino
 
     def _refresh(self, want_fdb: bool) -> None:
         self._check_netns()
         if want_fdb and self._fdb is None:
-            self._ev.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEIGH)
+            # A new event socket subscribed to both groups; the old one's queue is history the resync replaces.
+            old, self._ev = self._ev, self._open_events(with_neigh=True)
+            if old is not None:
+                old.close()
             self._resync(want_fdb=True)
         elif time.monotonic() - self._synced_at > self.resync_interval:
             self._resync(want_fdb=self._fdb is not None)
@@ -778,24 +866,26 @@ class NetlinkSource:
 
     def _resync(self, want_fdb: bool) -> None:
         """Full dumps. Events queued before now describe the past: drop them; those arriving during the dumps are
-        applied at the next drain, and being later than what the dump saw, they leave the newest state."""
+        applied at the next drain, and being later than what the dump saw, they leave the newest state.
+        If a dump fails the tables are left empty and not synced: the next call tries again."""
+        self._synced_at = float("-inf")
         self._drain_events(apply=False)
-        self._links = links_from_dump(self._dump(RTM_GETLINK, _LINK_REQ))
-        for gone in [i for i in self._moves if i not in self._links]:
+        links = self._decode(links_from_dump, self._dump(RTM_GETLINK, _LINK_REQ))
+        fdb = self._decode(fdb_from_dump, self._dump(RTM_GETNEIGH, _FDB_REQ)) if want_fdb else None
+        old = self._fdb
+        self._links, self._fdb = links, fdb
+        for gone in [i for i in self._moves if i not in links]:
             del self._moves[gone]
-        if want_fdb:
-            old = self._fdb
-            self._fdb = fdb_from_dump(self._dump(RTM_GETNEIGH, _FDB_REQ))
-            if old is not None and (n := count_moves(old, self._fdb, self._moves)):
-                log.info("event=fdb_moves_after_resync netns=%s moved=%d note=%s", self.netns or '""', n,
-                         "moves between the two tables were lost with the dropped events; each counts once")
+        if old is not None and fdb is not None and (n := count_moves(old, fdb, self._moves)):
+            log.info("event=fdb_moves_after_resync netns=%s moved=%d note=%s", self.netns or '""', n,
+                     "moves between the two tables were lost with the dropped events; each counts once")
         self._counts = None
         self._synced_at = time.monotonic()
         self.resyncs += 1
 
     def _drain_events(self, apply: bool = True) -> bool:
-        """Apply queued events. False if the kernel dropped some (ENOBUFS): the rest is read and dropped too, and
-        the caller resyncs."""
+        """Apply queued events. False if the kernel dropped some (ENOBUFS) or one did not decode: the rest is
+        read and dropped too, and the caller resyncs."""
         ev = self._ev
         links, fdb = self._links, self._fdb
         ok = True
@@ -809,9 +899,18 @@ class NetlinkSource:
                     raise
                 ok = apply = False
                 continue
+            if not chunk:
+                return ok  # the peer of a test's socketpair closed
             if not apply:
                 continue
-            moved = apply_events(chunk, links, fdb, self._moves)
+            moved = None
+            try:
+                moved = apply_events(chunk, links, fdb, self._moves)
+            except (Malformed, struct.error, IndexError, ValueError) as exc:
+                self.errors += 1
+                log.warning("event=netlink_event_malformed netns=%s error=%r action=resync", self.netns or '""',
+                            str(exc))
+                ok = apply = False
             self._counts = None
             if moved:
                 self._log_moves(moved)
@@ -830,42 +929,71 @@ class NetlinkSource:
             log.info("event=fdb_move netns=%s bridge=%s mac=%s vlan=%d from=%s to=%s", self.netns or '""',
                      name(key[0]), key[1], key[2], name(old), name(new))
 
-    def _dump(self, typ: int, body: bytes, attempts: int = 3) -> list[bytes]:
+    def _decode(self, fn: Callable[[list[bytes]], Any], chunks: list[bytes]) -> Any:
+        try:
+            return fn(chunks)
+        except (Malformed, struct.error, IndexError, ValueError) as exc:
+            self.errors += 1
+            raise NetlinkProtocolError(errno.EBADMSG, f"netlink dump {self.netns!r}: malformed message: {exc}"
+                                       ) from None
+
+    def _dump(self, typ: int, body: bytes, attempts: int = DUMP_ATTEMPTS) -> list[bytes]:
         """One dump's receive buffers, DONE and ERROR checked. An interrupted dump (the device list changed under
-        it: NLM_F_DUMP_INTR) is retried; the last attempt is used as is, since every message in it is whole."""
-        for attempt in range(attempts):
+        it: NLM_F_DUMP_INTR) is asked again; still interrupted after `attempts`, it is an error, never used."""
+        for attempt in range(1, attempts + 1):
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             seq = self._seq
             try:
-                self._req.send(_request(typ, seq, body))
-                chunks, intr = self._receive(seq)
-            except (socket.timeout, OSError):
-                self._close()  # the socket may hold a half-read dump; reopen on the next call
-                self._ino = 0
+                req = self._request_socket()
+                req.send(_request(typ, seq, body))
+                chunks, intr = self._receive(req, seq)
+            except NetlinkProtocolError:
+                self.errors += 1
                 raise
-            if not intr or attempt == attempts - 1:
+            except OSError:  # timeout, socket error, or a truncated buffer: the socket may hold a half-read dump
+                self.errors += 1
+                self._close_request_socket()
+                raise
+            if not intr:
                 return chunks
-        return chunks
+            self.dumps_interrupted += 1
+            log.info("event=netlink_dump_interrupted netns=%s request=%d attempt=%d of=%d", self.netns or '""',
+                     typ, attempt, attempts)
+        self.errors += 1
+        raise NetlinkProtocolError(errno.EAGAIN, f"netlink dump {self.netns!r}: still interrupted (NLM_F_DUMP_INTR) "
+                                                 f"after {attempts} attempts")
 
-    def _receive(self, seq: int) -> tuple[list[bytes], bool]:
+    def _receive(self, req: socket.socket, seq: int) -> tuple[list[bytes], bool]:
         chunks: list[bytes] = []
         intr = False
         while True:
-            data = self._req.recv(RECV_SIZE)
+            data = req.recv(RECV_SIZE)
+            if not data:
+                raise OSError(errno.ECONNRESET, f"netlink dump {self.netns!r}: socket closed")
             keep = False
-            for typ, flags, mseq, off, _end in iter_messages(data):
+            used = 0
+            for typ, flags, mseq, off, end in iter_messages(data):
+                used = (end + 3) & ~3
                 if mseq != seq:
                     continue  # a leftover of an earlier request
                 keep = True
                 intr = intr or bool(flags & NLM_F_DUMP_INTR)
                 if typ == NLMSG_DONE:
-                    if keep:
-                        chunks.append(data)
+                    # NLMSG_DONE carries an int: 0, or a negative errno when the dump failed midway.
+                    err = -struct.unpack_from("=i", data, off + 16)[0] if end - off >= 20 else 0
+                    if err > 0:
+                        raise NetlinkProtocolError(err, f"netlink dump {self.netns!r}: ended with "
+                                                        f"{os.strerror(err)}")
+                    chunks.append(data)
                     return chunks, intr
                 if typ == NLMSG_ERROR:
-                    err = error_code(data, off)
+                    err = error_code(data, off) if end - off >= 20 else errno.EBADMSG
                     if err:
-                        raise OSError(err, f"netlink dump {self.netns!r}: {os.strerror(err)}")
+                        raise NetlinkProtocolError(err, f"netlink dump {self.netns!r}: {os.strerror(err)}")
                     return chunks, intr
+            if used < len(data):
+                # A message whose length runs past the buffer (or a runt): the rest of this dump is lost.
+                raise OSError(errno.EBADMSG, f"netlink dump {self.netns!r}: truncated message at byte {used} "
+                                             f"of {len(data)}")
             if keep:
                 chunks.append(data)

@@ -150,3 +150,35 @@ def test_up_is_never_exported_on_stale_data():
     p._task = SimpleNamespace(done=lambda: True)  # crashed, waiting for its restart
     st.last_result = now
     assert up() == 0 and p.health() == (False, "prober not running")
+
+
+def test_guest_rows_cached_and_odd_names_rendered_exactly():
+    """The probe collector's cached per-guest templates: '%' and quotes in names come out as they are, and a
+    guest that goes away takes its cached row with it."""
+    import ipaddress
+
+    from kvmnet.exporter.collectors.probe import GuestCollector
+    from kvmnet.exporter.exposition import render
+    from kvmnet.exporter.prober.engine import Prober
+    from kvmnet.exporter.prober.targets import Target
+    from prometheus_client.parser import text_string_to_metric_families
+
+    p = Prober()
+    odd = 'vm%d "x"\\'
+    p.set_targets([Target(odd, ipaddress.ip_address("10.0.0.1"), "n%s"), Target("b", ipaddress.ip_address("10.0.0.2"))])
+    for st in p.states.values():
+        st.on_reply(25e-6, 1.5)
+    c = GuestCollector(p)
+    for _ in range(2):
+        fams = {f.name: f for f in text_string_to_metric_families(render(c.collect()).decode())}
+    h = fams["kvmnet_guest_ping_rtt_seconds"]
+    from kvmnet.exporter.exposition import label_value
+    mine = [s for s in h.samples if s.labels["guest"] == label_value(odd)]  # the documented name mapping
+    assert len(mine) == 23
+    assert {s.labels["netns"] for s in mine} == {"n%s"}
+    assert [s.value for s in mine if s.name.endswith("_count")] == [1]
+    assert [s.value for s in mine if s.labels.get("le") == "4e-05"] == [1]
+    assert [s.value for s in mine if s.labels.get("le") == "2e-05"] == [0]
+    p.set_targets([Target("b", ipaddress.ip_address("10.0.0.2"))])
+    c.collect()
+    assert len(c._keys) == 1

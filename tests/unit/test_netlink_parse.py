@@ -184,7 +184,7 @@ def test_a_device_without_counters_vanished_and_is_left_out(by_name):
     assert "vm1" not in [p.name for p in snap.bridges[0].ports]
 
 
-def test_truncated_and_garbage_buffers_never_raise():
+def test_truncated_and_garbage_buffers_raise_only_malformed():
     data = (DATA / "links.bin").read_bytes()
     for cut in range(0, len(data), 53):
         nl.links_from_dump([data[:cut]])
@@ -193,11 +193,13 @@ def test_truncated_and_garbage_buffers_never_raise():
         buf = bytearray(data)
         for _ in range(20):
             buf[rnd.randrange(len(buf))] = rnd.randrange(256)
-        try:
-            nl.links_from_dump([bytes(buf)])
-            nl.fdb_from_dump([bytes(buf)])
-        except (ValueError, IndexError, UnicodeDecodeError) as exc:  # a corrupt value, never a crash of the loop
-            pytest.fail(f"garbage raised {exc!r}")
+        for decode in (nl.links_from_dump, nl.fdb_from_dump, nl.stats_from_dump):
+            try:
+                decode([bytes(buf)])
+            except ValueError:
+                pass  # Malformed (a length that runs past its message): the source fails that dump, says why
+            except Exception as exc:  # noqa: BLE001 - anything else would escape as a crash
+                pytest.fail(f"garbage raised {exc!r}")
 
 
 def _render_golden() -> bytes:
