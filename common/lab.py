@@ -18,10 +18,8 @@ so the CLI can print it and exit 2 before anything is created.
 """
 from __future__ import annotations
 
-import grp
 import hashlib
 import ipaddress
-import pwd
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -48,49 +46,105 @@ def _devname(v: Any) -> str:
         raise ValueError(f"device name must be 1 to 15 bytes: {v!r}")
     if v in (".", "..") or any(c in "/:" or c.isspace() for c in v):
         raise ValueError(f"device name the kernel refuses ('/', ':', whitespace, '.', '..'): {v!r}")
+    if not v.isprintable():  # the kernel takes them, but they split log lines and confuse every tool
+        raise ValueError(f"device name with a control character: {v!r}")
     return v
 
 
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 def _mac(v: Any) -> str:
     s = str(v).lower() if isinstance(v, str) else ""
-    if not _MAC.match(s):
+    if not _MAC.fullmatch(s):  # fullmatch: `$` would let a trailing newline through
         raise ValueError(f"not a MAC address: {v!r}")
+    if s == "00:00:00:00:00:00":
+        raise ValueError(f"all-zero MAC address, the kernel refuses it: {v!r}")
     if int(s[:2], 16) & 1:
         raise ValueError(f"multicast MAC address, a NIC cannot have it: {v!r}")
     return s
 
 
+def _unicast(addr, v: Any) -> None:
+    if "%" in str(v):  # an IPv6 scope (fe80::1%eth0): netlink takes none, and the name is not the lab's to give
+        raise ValueError(f"an address with a scope (%...) is not for a lab file: {v!r}")
+    if addr.is_unspecified or addr.is_multicast:
+        raise ValueError(f"not a unicast address: {v!r}")
+
+
 def _iface(v: Any) -> IPInterface:
+    if not isinstance(v, str):
+        raise ValueError(f"not an address with prefix length (like 10.0.0.2/24): {v!r}")
     try:
         addr = ipaddress.ip_interface(v)
     except ValueError:
         raise ValueError(f"not an address with prefix length (like 10.0.0.2/24): {v!r}") from None
     if "/" not in str(v):
         raise ValueError(f"address needs a prefix length (like {v}/24): {v!r}")
+    _unicast(addr.ip, v)
     return addr
 
 
 def _addr(v: Any) -> IPAddress:
+    if not isinstance(v, str):
+        raise ValueError(f"not an IP address: {v!r}")
     try:
-        return ipaddress.ip_address(v)
+        addr = ipaddress.ip_address(v)
     except ValueError:
         raise ValueError(f"not an IP address: {v!r}") from None
+    _unicast(addr, v)
+    return addr
 
 
 def _nsname(v: Any) -> str:
-    if not isinstance(v, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", v):
+    # fullmatch: with re.match and `$`, "lab\n" passed and made a namespace with a newline in its name.
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
         raise ValueError(f"not a valid name (1-64 letters, digits, '_', '.', '-'): {v!r}")
     return v
 
 
+MEMORY_MIB = (16, 1 << 20)  # QEMU's -m: a guest below 16 MiB does not boot; above 1 TiB is a typo
+
+
 def _memory(v: Any) -> str:
-    s = str(v).strip()
-    if not re.match(r"^[1-9][0-9]*[MG]?$", s):
+    s = str(v) if isinstance(v, (str, int)) and not isinstance(v, bool) else ""
+    m = re.fullmatch(r"([1-9][0-9]{0,9})([MG]?)", s)
+    if not m:
         raise ValueError(f"not a memory size (like 512M or 1G): {v!r}")
+    mib = int(m.group(1)) * (1024 if m.group(2) == "G" else 1)
+    if not MEMORY_MIB[0] <= mib <= MEMORY_MIB[1]:
+        raise ValueError(f"memory must be 16M to 1024G: {v!r}")
     return s
+
+
+UID_MAX = 2**32 - 2  # uid_t/gid_t; (uid_t)-1 means "none" to the kernel
+
+
+def _account(kind: str):
+    """owner/group: a name or a number that exists on this host (a typo would make a tap nobody can open)."""
+    import grp
+    import pwd
+    by_name, by_id = (pwd.getpwnam, pwd.getpwuid) if kind == "user" else (grp.getgrnam, grp.getgrgid)
+
+    def check(v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError(f"not a {kind} name or number: {v!r}")
+        if isinstance(v, int) and not 0 <= v <= UID_MAX:
+            raise ValueError(f"{kind} id must be 0 to {UID_MAX}: {v!r}")
+        try:
+            (by_id if isinstance(v, int) else by_name)(v)
+        except (KeyError, ValueError, OverflowError):
+            raise ValueError(f"no such {kind}: {v!r}") from None
+        return v
+    return check
+
+
+def _image(v: Any) -> Any:
+    if v is not None and (not isinstance(v, str) or not v.isprintable() or len(v) > 4096):
+        raise ValueError(f"not a file name: {v!r}")
+    return v
 
 
 DevName = Annotated[str, BeforeValidator(_devname)]
@@ -99,6 +153,13 @@ Interface = Annotated[Any, BeforeValidator(_iface)]
 Address = Annotated[Any, BeforeValidator(_addr)]
 NsName = Annotated[str, BeforeValidator(_nsname)]
 Memory = Annotated[str, BeforeValidator(_memory)]
+Owner = Annotated[Union[str, int, None], BeforeValidator(_account("user"))]
+Group = Annotated[Union[str, int, None], BeforeValidator(_account("group"))]
+Image = Annotated[Union[str, None], BeforeValidator(_image)]
+
+# Bounds on counts: a bridge takes at most 1023 ports (the kernel's BR_MAX_PORTS, port 0 reserved); the others keep
+# a lab file something `up` finishes in minutes.
+MAX_BRIDGES, MAX_TAPS, MAX_GUESTS, MAX_PORTS = 256, 4096, 4096, 1023
 
 
 class _Strict(BaseModel):
@@ -124,7 +185,7 @@ class Bridge(_Strict):
     name: DevName
     address: Interface | None = None
     stp: Annotated[Stp, BeforeValidator(_stp)] = Stp()
-    ports: list[DevName] = []
+    ports: list[DevName] = Field([], max_length=MAX_PORTS)
     # The kernel's FDB learning limit (IFLA_BR_FDB_MAX_LEARNED, 6.8+): past it new MACs are not learned (and flood).
     # 0 = no limit; unset = leave the kernel's value. Bounded at 2^20, far past what a bridge should learn.
     fdb_max_learned: int | None = Field(None, ge=0, le=1 << 20)
@@ -133,7 +194,7 @@ class Bridge(_Strict):
 class Lan(_Strict):
     """The far end of the uplink (netns mode): the LAN (or WAN) namespace's device and its peers' addresses."""
     device: DevName = "eth0"
-    addresses: list[Interface] = []
+    addresses: list[Interface] = Field([], max_length=256)
 
 
 class Uplink(_Strict):
@@ -147,8 +208,8 @@ class Uplink(_Strict):
 
 class Tap(_Strict):
     name: DevName
-    owner: str | int | None = None
-    group: str | int | None = None
+    owner: Owner = None
+    group: Group = None
     multi_queue: bool = False
     vnet_hdr: bool = True
     bridge: DevName | None = None
@@ -165,7 +226,7 @@ class Guest(_Strict):
     netns: NsName | None = None      # netns guests: their namespace (default <host namespace>-<name>)
     memory: Memory = "128M"
     cpus: int = Field(1, ge=1, le=64)
-    image: str | None = None         # None/"default": the built-in tiny guest; else a disk image path
+    image: Image = None         # None/"default": the built-in tiny guest; else a disk image path
     accel: Literal["auto", "kvm", "tcg"] = "auto"
 
     @property
@@ -187,10 +248,10 @@ class Lab(_Strict):
     name: NsName
     mode: Literal["netns", "host"] = "netns"
     namespaces: Namespaces | None = None
-    bridges: list[Bridge] = []
+    bridges: list[Bridge] = Field([], max_length=MAX_BRIDGES)
     uplink: Uplink | None = None
-    taps: list[Tap] = []
-    guests: list[Guest] = []
+    taps: list[Tap] = Field([], max_length=MAX_TAPS)
+    guests: list[Guest] = Field([], max_length=MAX_GUESTS)
     nat: Nat | None = None
     # Not from the file: where it was read, so relative image paths resolve next to it.
     source: Path | None = Field(None, exclude=True)
@@ -249,9 +310,13 @@ def parse_lab(data: Any, name: str = "lab", source: Path | None = None) -> Lab:
 
 
 def load_lab(path: str | Path) -> Lab:
+    """Read and validate a lab file; every problem is one line naming the file and the field."""
     path = Path(path)
     data = yamlfile.read_yaml(path, LabError)
-    return parse_lab(data, name=path.stem, source=path)
+    try:
+        return parse_lab(data, name=path.stem, source=path)
+    except LabError as e:
+        raise LabError(f"{path}: {e}") from None
 
 
 def default_mac(lab: str, guest: str) -> str:
@@ -307,13 +372,6 @@ def _check(lab: Lab) -> None:
     taps = {}
     for i, t in enumerate(lab.taps):
         claim(t.name, f"taps[{i}].name")
-        for field, db in (("owner", pwd.getpwnam), ("group", grp.getgrnam)):
-            v = getattr(t, field)
-            if isinstance(v, str):
-                try:
-                    db(v)
-                except KeyError:
-                    raise _fail(f"taps[{i}].{field}", f"no such {'user' if field == 'owner' else 'group'}: {v!r}")
         taps[t.name] = t
         if t.bridge and t.bridge not in bridges:
             raise _fail(f"taps[{i}].bridge", f"no such bridge: {t.bridge!r}")
@@ -389,6 +447,21 @@ def _check(lab: Lab) -> None:
                 raise _fail(f"{at}.image", f"no such image file: {str(img)!r}")
         elif g.image or g.accel != "auto":
             raise _fail(f"{at}.{'image' if g.image else 'accel'}", "only for kind: qemu")
+
+    per_bridge: dict[str, int] = {}
+    for p, b in port_owner.items():
+        per_bridge[b] = per_bridge.get(b, 0) + 1
+        if per_bridge[b] > MAX_PORTS:
+            raise _fail(f"bridges[{list(bridges).index(b)}]",
+                        f"more than {MAX_PORTS} ports on {b!r} (the kernel's limit per bridge)")
+    import os
+    run_dir = Path(os.environ.get("KVMNET_RUN_DIR", "/run/kvmnet"))  # kvmnet.setup.state.RUN_DIR (setup imports us)
+    for i, g in enumerate(lab.guests):
+        # QEMU's QMP socket lives at RUN_DIR/<lab>/guests/<guest>.qmp; sun_path holds 107 bytes.
+        qmp = run_dir / lab.name / "guests" / f"{g.name}.qmp"
+        if g.kind == "qemu" and len(str(qmp).encode()) > 107:
+            raise _fail(f"guests[{i}].name", f"lab and guest names too long together: {str(qmp)!r} is more than "
+                        "107 bytes, the limit of a UNIX socket path")
 
     if lab.uplink:
         up = lab.uplink

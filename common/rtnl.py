@@ -36,7 +36,7 @@ RTM_NEWSTATS, RTM_GETSTATS = 92, 94
 RTNLGRP_LINK, RTNLGRP_NEIGH = 1, 3
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 # <linux/if_link.h>
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 10, 12, 18
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 5, 10, 12, 18
 IFLA_NET_NS_FD, IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 28, 29, 35
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_TXQLEN = 13
@@ -255,9 +255,11 @@ class Rtnl:
             if e.errno != errno.EEXIST:
                 raise
 
-    def veth_add(self, name: str, index: int, mac: str | None, peer: str, peer_ns_fd: int, up: bool = True) -> None:
-        """Create veth `name` (at ifindex `index`, with `mac`, up) here, and its peer in namespace `peer_ns_fd`."""
-        peer_msg = _ifinfo() + _name(peer) + _attr(IFLA_NET_NS_FD, struct.pack("I", peer_ns_fd))
+    def veth_add(self, name: str, index: int, mac: str | None, peer: str, peer_ns_fd: int, up: bool = True,
+                 peer_index: int = 0) -> None:
+        """Create veth `name` (at ifindex `index`, with `mac`, up) here, and its peer in namespace `peer_ns_fd` (at
+        `peer_index`, or where the kernel puts it)."""
+        peer_msg = _ifinfo(peer_index) + _name(peer) + _attr(IFLA_NET_NS_FD, struct.pack("I", peer_ns_fd))
         data = _attr(VETH_INFO_PEER | NLA_F_NESTED, peer_msg)
         info = _attr(IFLA_INFO_KIND, b"veth\0") + _attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
         body = _ifinfo(index, IFF_UP if up else 0, IFF_UP if up else 0) + _name(name)

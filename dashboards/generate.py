@@ -141,6 +141,11 @@ STP_STATES = ["disabled", "listening", "learning", "forwarding", "blocking"]
 STP_COLOURS = ["text", "yellow", "blue", "green", "red"]
 STP = [{"type": "value", "options": {str(i): {"text": s, "color": c, "index": i}
                                      for i, (s, c) in enumerate(zip(STP_STATES, STP_COLOURS))}}]
+# kvmnet_guest_state's states (exporter/sources/identity.py GUEST_STATES), in that order.
+RUN_STATES = ["running", "paused", "shutdown", "shutoff", "crashed", "pmsuspended", "blocked", "unknown"]
+RUN_COLOURS = ["green", "yellow", "blue", "text", "red", "yellow", "orange", "text"]
+RUN = [{"type": "value", "options": {str(i): {"text": s, "color": c, "index": i}
+                                     for i, (s, c) in enumerate(zip(RUN_STATES, RUN_COLOURS))}}]
 
 
 def stat(title: str, targets: list[dict], unit: str, description: str = "", mappings=None, thresholds=None,
@@ -518,7 +523,15 @@ def guest() -> dict:
     L = Layout()
     # The guest's port: kvmnet_port_info carries the guest's name (QEMU, libvirt or lab file), in the bridge's
     # namespace; a port counter joined with it keeps only this guest's tap.
-    PORT = f'* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info{{{GUEST1}}}'
+    PORT = f'* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info{{{GUEST1},kind=~"tap|tun|macvtap"}}'
+
+    def gview(direction: str, unit: str) -> str:
+        """The guest's `direction` (receive/transmit) of its NICs, from the host's counters: a tap's transmit is
+        its guest's receive; a macvtap's receive is. Fw ports (veths) carry the guest label but are not its NIC."""
+        other = "transmit" if direction == "receive" else "receive"
+        join = "* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info"
+        return (f'(rate(kvmnet_port_{other}_{unit}_total[$__rate_interval]) {join}{{{GUEST1},kind=~"tap|tun"}}'
+                f' or rate(kvmnet_port_{direction}_{unit}_total[$__rate_interval]) {join}{{{GUEST1},kind="macvtap"}})')
     L.add(stat("Answers ping", [target(f"kvmnet_guest_up{{{GUEST1}}}", "{{netns}}", instant=True)], "none",
                "The prober's verdict now.", mappings=UPDOWN, colour_mode="background"), 4, 4)
     L.add(stat("Loss (5m)", [target(f"kvmnet:guest_ping_loss:ratio_rate5m{{{GUEST1}}}", "{{netns}}",
@@ -562,19 +575,23 @@ def guest() -> dict:
         "Echo requests sent, replies received in time, requests the kernel refused."), 12, 8)
     L.add(state_timeline("Up/down history", [target(f"kvmnet_guest_up{{{GUEST1}}}", "{{guest}}")], "none", UPDOWN,
                          "1 while the guest answers; 0 after down_after consecutive losses."), 24, 4)
-    L.row("Its tap, in the guest's view (guest receive = tap transmit)")
+    run_expr = " or ".join(f'(kvmnet_guest_state{{{GUEST1},state="{s}"}} == 1) * {i}'
+                           for i, s in enumerate(RUN_STATES))
+    L.add(state_timeline("Run state", [target(f"max by (instance, netns, guest) ({run_expr})", "{{guest}}")],
+                         "none", RUN,
+                         "libvirt's or QMP's run state: a paused or shut-off guest answers no ping on purpose "
+                         "(its alerts are held back). Empty when nothing tells the state (no libvirt, no QMP)."),
+          24, 4)
+    L.row("Its tap or macvtap, in the guest's view (guest receive = tap transmit = macvtap receive)")
     L.add(timeseries("Guest traffic (guest's view)", refs(
-        target(f"8 * rate(kvmnet_port_transmit_bytes_total[$__rate_interval]) {PORT}",
-               "guest receive (tap {{device}} transmit)"),
-        target(f"8 * rate(kvmnet_port_receive_bytes_total[$__rate_interval]) {PORT}",
-               "guest transmit (tap {{device}} receive)")), "bps",
-        "The guest's side of its tap: what the host sends out of the tap the guest receives, and the reverse. "
-        "Guest transmit is drawn below the axis.", negative_y="guest transmit.*"), 12, 8)
+        target(f"8 * {gview('receive', 'bytes')}", "guest receive ({{device}})"),
+        target(f"8 * {gview('transmit', 'bytes')}", "guest transmit ({{device}})")), "bps",
+        "The guest's side of its NIC: what the host sends out of its tap (or receives on its macvtap: the other "
+        "way round) the guest receives, and the reverse. Guest transmit is drawn below the axis.",
+        negative_y="guest transmit.*"), 12, 8)
     L.add(timeseries("Guest packets (guest's view)", refs(
-        target(f"rate(kvmnet_port_transmit_packets_total[$__rate_interval]) {PORT}",
-               "guest receive (tap {{device}} transmit)"),
-        target(f"rate(kvmnet_port_receive_packets_total[$__rate_interval]) {PORT}",
-               "guest transmit (tap {{device}} receive)")), "pps",
+        target(gview("receive", "packets"), "guest receive ({{device}})"),
+        target(gview("transmit", "packets"), "guest transmit ({{device}})")), "pps",
         "Packets, guest's view.", negative_y="guest transmit.*"), 12, 8)
     L.add(timeseries("Drops and errors (guest's view)", refs(
         target(f"rate(kvmnet_port_transmit_dropped_total[$__rate_interval]) {PORT}",

@@ -156,7 +156,10 @@ def from_dict(data: Any) -> Config:
 def load_config(path: str) -> Config:
     """Read and validate a config file. Every problem is a ConfigError with one line naming the field."""
     data = yamlfile.read_yaml(path, ConfigError)
-    return from_dict(data)
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None  # which file, too: --web.config.file is another
 
 
 def resolve_target_netns(target: Target, watched: list[str]) -> str:

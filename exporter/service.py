@@ -23,6 +23,7 @@ from kvmnet.common import netns as nsmod
 from . import logs
 from .collectors import bridge as bridge_collector
 from .collectors import fdb as fdb_collector
+from .collectors import identity as identity_collector
 from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
 from .prober.targets import Target
@@ -144,7 +145,10 @@ def default_factories() -> dict[str, Factory]:
         return fdb_collector.FdbCollector(ns, include=svc.settings.include, exclude=svc.settings.exclude,
                                           source=svc.source(ns))
 
-    return {"bridge": bridge, "fdb": fdb}
+    def identity(ns: str, svc: "Service"):
+        return identity_collector.IdentityCollector(ns, svc.identity) if svc.identity is not None else None
+
+    return {"bridge": bridge, "fdb": fdb, "identity": identity}
 
 
 class Service:

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bcrypt
-import yaml
 from aiohttp import web
+
+from kvmnet.common import yamlfile
 
 from . import logs
 from .config import ConfigError
@@ -90,7 +91,9 @@ class WebConfig:
 
 
 def _fail(path: str, where: str, msg: str) -> WebConfigError:
-    return WebConfigError(f"{path}: {where}: {msg}")
+    # A key from the file may hold a newline: the message stays one line.
+    where = where if where.isprintable() else repr(where)
+    return WebConfigError(f"{path}: {where}: {' '.join(msg.split())}")
 
 
 def _mapping(path: str, where: str, value: Any, allowed: set[str] | None) -> dict:
@@ -190,15 +193,7 @@ def _users(path: str, users: dict) -> dict[str, bytes]:
 
 def parse(path: str) -> WebConfig:
     """Read and check a web config file; build its SSL context (no middlewares yet)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise WebConfigError(f"{path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
-        raise WebConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    data = yamlfile.read_yaml(path, WebConfigError)  # regular file, size, UTF-8, depth, aliases, duplicate keys
     top = _mapping(path, "(top level)", data, {"tls_server_config", "http_server_config", "basic_auth_users"})
     cfg = WebConfig(path=path, files=[path])
     tls = _mapping(path, "tls_server_config", top.get("tls_server_config"), _TLS_KEYS)

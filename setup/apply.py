@@ -12,7 +12,9 @@ import fcntl
 import grp
 import os
 import pwd
-import signal
+import secrets
+import socket
+import stat
 import struct
 import subprocess
 import time
@@ -29,7 +31,7 @@ from . import plan as planmod
 from .plan import LIGHT_DEV, NAT_TABLE, Action, Link, Observed
 from kvmnet.common.rtnl import Rtnl
 from kvmnet.common.lab import Lab
-from .state import State
+from .state import State, hook_intent
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -45,14 +47,59 @@ class ApplyError(Exception):
     """`up` failed part-way; str() says which action and why, and that the run was rolled back."""
 
 
-# --- namespaces -------------------------------------------------------------------------------------------------
+# --- namespaces, and whose they are ------------------------------------------------------------------------------
 
 def netns_exists(name: str) -> bool:
     return os.path.exists(os.path.join(NETNS_RUN_DIR, name))
 
 
-def netns_create(name: str) -> None:
-    """`ip netns add NAME` in-process: unshare this thread's network namespace, bind it, go back."""
+def ns_ident(ns: str) -> list[int] | None:
+    """[st_dev, st_ino] of a named namespace ("" = the one this process runs in), or None if there is none."""
+    try:
+        st = os.stat(os.path.join(NETNS_RUN_DIR, ns) if ns else "/proc/thread-self/ns/net")
+    except FileNotFoundError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def _nsfs_dev() -> int:
+    return os.stat("/proc/self/ns/net").st_dev  # every namespace inode lives on the one nsfs superblock
+
+
+def ns_owner(item: dict) -> str:
+    """Whose /run/netns/NAME is, for a recorded netns/light item: "ours" (the namespace we bound there), "half" (the
+    empty placeholder we made, nothing bound: `up` was killed midway), "gone", or "foreign" (someone else's, e.g.
+    deleted and re-created since, or a half-made `ip netns add` of theirs)."""
+    path = os.path.join(NETNS_RUN_DIR, item["name"])
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "gone"
+    ident = [st.st_dev, st.st_ino]
+    if st.st_dev == _nsfs_dev():
+        return "ours" if item.get("ino") == ident else "foreign"
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        if item.get("placeholder") == ident:
+            return "half"
+        # Killed between creating the placeholder and recording it: the record says we were about to make it, and
+        # the file is no older than that intent.
+        if "placeholder" not in item and "t" in item and st.st_ctime >= item["t"] - 0.05:
+            return "half"
+    return "foreign"
+
+
+def is_namespace(name: str) -> bool:
+    """/run/netns/NAME is a bound namespace, not a plain (half-made) file."""
+    try:
+        return os.lstat(os.path.join(NETNS_RUN_DIR, name)).st_dev == _nsfs_dev()
+    except FileNotFoundError:
+        return False
+
+
+def netns_create(name: str, note: Callable[[dict], None] = lambda d: None) -> None:
+    """`ip netns add NAME` in-process: an empty placeholder file, unshare this thread's network namespace, bind it
+    onto the file, go back. `note` is told each identity as soon as it exists (placeholder, then namespace), before
+    the next step, so a kill -9 anywhere leaves a record that tells our objects from anyone else's."""
     os.makedirs(NETNS_RUN_DIR, exist_ok=True)
     run = NETNS_RUN_DIR.encode()
     # As iproute2: make /run/netns a shared mount so the bind survives into other mount namespaces.
@@ -60,21 +107,31 @@ def netns_create(name: str) -> None:
         _libc.mount(run, run, b"none", MS_BIND | MS_REC, None)
         _libc.mount(b"", run, b"none", MS_SHARED | MS_REC, None)
     path = os.path.join(NETNS_RUN_DIR, name)
-    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0)  # EEXIST: taken, not ours
     try:
-        if _libc.unshare(CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"unshare: {os.strerror(ctypes.get_errno())}")
-        try:
-            if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None) != 0:
-                raise OSError(ctypes.get_errno(), f"mount {path}: {os.strerror(ctypes.get_errno())}")
-        finally:
-            setns(home.__index__())
-    except OSError:
-        os.unlink(path)
-        raise
+        st = os.fstat(fd)
     finally:
-        os.close(home)
+        os.close(fd)
+    placeholder = [st.st_dev, st.st_ino]
+    try:
+        note({"placeholder": placeholder})
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"unshare: {os.strerror(ctypes.get_errno())}")
+            try:
+                st = os.stat("/proc/thread-self/ns/net")
+                note({"ino": [st.st_dev, st.st_ino]})
+                if _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", MS_BIND, None) != 0:
+                    raise OSError(ctypes.get_errno(), f"mount {path}: {os.strerror(ctypes.get_errno())}")
+            finally:
+                setns(home.__index__())
+        finally:
+            os.close(home)
+    except BaseException:
+        if ns_owner({"name": name, "placeholder": placeholder}) == "half":
+            os.unlink(path)
+        raise
 
 
 def netns_pids(name: str) -> list[int]:
@@ -85,19 +142,38 @@ def netns_pids(name: str) -> list[int]:
     return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and nsmod.pid_inode(pid) == ino]
 
 
-def netns_delete(name: str, kill: bool = True) -> None:
-    if kill:
-        for pid in netns_pids(name):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def netns_delete(name: str) -> None:
+    """Remove the name (umount + unlink). Never signals anyone: processes still inside keep the namespace alive
+    until they exit, and they are not ours to kill (our QEMU guests are stopped by their own record items)."""
     path = os.path.join(NETNS_RUN_DIR, name)
     _libc.umount2(path.encode(), MNT_DETACH)
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def link_owner(net: "Net", item: dict, dumps: dict | None = None) -> str:
+    """Whose the device a link item names is: "ours" (same name, the ifindex we chose, in the namespace we made it
+    in), "gone", or "foreign". `dumps` caches one link dump per namespace while nothing changes (hundreds of taps)."""
+    ns = item.get("ns", "")
+    now = ns_ident(ns)
+    if now is None or (item.get("nsino") and now != item["nsino"]):
+        return "gone"  # its namespace went, and the device with it
+    if dumps is None:
+        dumps = {}
+    if ns not in dumps:
+        dumps[ns] = {name: index for name, (index, _) in net.raw(ns).links().items()}
+    index = dumps[ns].get(item["name"])
+    if index is None:
+        return "gone"
+    return "ours" if index == item.get("ifindex") else "foreign"
+
+
+def new_ifindex() -> int:
+    """An interface index picked before creating the device and recorded with the intent: the kernel allocates from
+    the bottom, so a device carrying this index and the recorded name is the one we made."""
+    return 0x1000000 + secrets.randbelow(0x7F000000)
 
 
 # --- sockets ----------------------------------------------------------------------------------------------------
@@ -190,19 +266,21 @@ def default_route(ipr: IPRoute, links: dict[str, Link]) -> tuple[str | None, str
     return None, None
 
 
-def observe(lab: Lab, net: Net, run_root: Path | None = None) -> Observed:
+def observe(lab: Lab, net: Net, run_root: Path | None = None, state: State | None = None) -> Observed:
     obs = Observed()
     obs.namespaces = set(os.listdir(NETNS_RUN_DIR)) if os.path.isdir(NETNS_RUN_DIR) else set()
+    obs.not_namespaces = {n for n in obs.namespaces if not is_namespace(n)}
+    _ownership(obs, net, state)
     host = lab.host_netns
     for ns in ({host, lab.lan_netns} - {""}) | ({""} if lab.mode == "host" else set()):
-        if ns and ns not in obs.namespaces:
+        if ns and (ns not in obs.namespaces or ns in obs.not_namespaces):
             continue
         obs.links[ns] = read_links(net.raw(ns))
         obs.default_dev[ns], obs.default_gw[ns] = default_route(net.ipr(ns), obs.links[ns])
     links = obs.links.get(host, {})
     for g in lab.guests:
         if g.kind == "netns":
-            if _light_ok(lab, g, net, links, obs.namespaces):
+            if lab.guest_netns(g) in obs.ours_ns and _light_ok(lab, g, net, links, obs.namespaces):
                 obs.light_ok.add(g.name)
         elif guest_alive(lab, g.name, run_root):
             obs.qemu_alive.add(g.name)
@@ -210,6 +288,23 @@ def observe(lab: Lab, net: Net, run_root: Path | None = None) -> Observed:
         if _run_in(host, ["nft", "list", "table", "inet", NAT_TABLE], check=False).returncode == 0:
             obs.nat.add(host)
     return obs
+
+
+def _ownership(obs: Observed, net: Net, state: State | None) -> None:
+    """What of the observed is ours, by the identities in the record (never by name alone)."""
+    if state is None:
+        return
+    dumps: dict = {}
+    ours = {i["name"] for i in state.created if i["op"] in ("netns", "light") and ns_owner(i) == "ours"}
+    obs.ours_ns |= ours
+    for item in state.created:
+        op, ns = item["op"], item.get("ns", "")
+        if op == "light" and item["name"] in ours and item.get("device"):
+            obs.ours_links.setdefault(ns, set()).add(item["device"])
+        elif op == "link" and (ns == "" or ns in ours) and link_owner(net, item, dumps) == "ours":
+            obs.ours_links.setdefault(ns, set()).add(item["name"])
+        elif op == "nat":
+            obs.ours_nat.add(ns)
 
 
 def _light_ok(lab: Lab, g, net: Net, links: dict[str, Link], namespaces: set[str]) -> bool:
@@ -249,12 +344,25 @@ def _run_in(ns: str, argv: list[str], input: str | None = None, check: bool = Tr
 
 # --- doing ------------------------------------------------------------------------------------------------------
 
-def _tap_create(ns: str, name: str, owner, group, multi_queue: bool, vnet_hdr: bool) -> None:
-    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
+IFF_TUN_EXCL = 0x8000  # TUNSETIFF fails with EBUSY instead of attaching to an existing device of that name
+
+
+def _tap_create(ns: str, name: str, owner, group, multi_queue: bool, vnet_hdr: bool,
+                note: Callable[[dict], None] = lambda d: None) -> None:
+    flags = IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
     with entered(ns):  # a tap is made in the namespace /dev/net/tun was opened in
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        except OSError as e:
+            if e.errno == errno.EBUSY:  # someone else's tap (or tun) of that name: never attach to it
+                raise OSError(errno.EEXIST, f"device {name} exists (not ours)") from None
+            raise
+        with entered(ns):
+            index = socket.if_nametoindex(name)
+        # Recorded while only this fd holds the tap: killed before TUNSETPERSIST, the kernel removes it with the fd.
+        note({"ifindex": index})
         if owner is not None:
             fcntl.ioctl(fd, TUNSETOWNER, owner if isinstance(owner, int) else pwd.getpwnam(owner).pw_uid)
         if group is not None:
@@ -282,7 +390,7 @@ def _addr(ipr: IPRoute, cmd: str, index: int, address: str) -> None:
 
 
 class Applier:
-    """Runs actions, records each creation in `state` and in this run's journal (for rollback)."""
+    """Runs actions, records each one in `state` (on disk, before doing it) and in this run's journal (for rollback)."""
 
     def __init__(self, lab: Lab, net: Net, state: State, progress: Callable[[str], None] = lambda s: None,
                  run_root: Path | None = None):
@@ -290,9 +398,27 @@ class Applier:
         self.run_root = run_root
         self.journal: list[dict] = []
 
-    def record(self, item: dict) -> None:
+    def record(self, item: dict) -> dict:
+        """Write the intent to disk before the object is made; returns the item to note identities on."""
         if self.state.add(item):
             self.journal.append(item)
+            self.state.save()
+            hook_intent(item)
+            return item
+        return self.state.find(item) or item
+
+    def note(self, item: dict, ident: dict) -> None:
+        hook_intent(item, "made")
+        item.update(ident)
+        self.state.touch(item)
+        self.state.save()
+
+    def _dev(self, ns: str, name: str) -> dict:
+        """The identity of the device a change is made to (a bridge's address, a port's master): from the record if
+        this lab made it (no lookup: hundreds of taps), else asked of the kernel."""
+        made = self.state.find({"op": "link", "ns": ns, "name": name})
+        index = made["ifindex"] if made and made.get("ifindex") else self.net.index(ns, name)
+        return {"ifindex": index, "nsino": ns_ident(ns)}
 
     def run(self, actions: list[Action]) -> None:
         # Hooks look up a tap's bridge in taps.json, so it must be on disk before any QEMU starts.
@@ -305,8 +431,6 @@ class Applier:
                 skip = False
                 continue
             try:
-                if act.op == "guest_start":
-                    self.state.save()  # guests are slow: keep what is done so far on disk
                 nxt = actions[i + 1] if i + 1 < len(actions) else None
                 if act.op == "master" and nxt and (nxt.op, nxt.ns, nxt.name) == ("up", act.ns, act.name):
                     self.do_master(act, up=True)  # one request instead of two, as `ip link set X master B up`
@@ -325,7 +449,7 @@ class Applier:
         self.state.save()
 
     def rollback(self) -> None:
-        undo(list(self.journal), self.net, self.progress)
+        undo(list(self.journal), self.net, self.progress, state=self.state)
         for item in self.journal:
             self.state.remove(item)
         if not self.state.created:
@@ -335,8 +459,8 @@ class Applier:
 
     # one method per plan op
     def do_netns_add(self, a: Action) -> None:
-        netns_create(a.name)
-        self.record({"op": "netns", "name": a.name})
+        item = self.record({"op": "netns", "name": a.name, "t": time.time()})
+        netns_create(a.name, lambda ident: self.note(item, ident))
         ipr = self.net.ipr(a.name)
         ipr.link("set", index=self.net.index(a.name, "lo"), state="up")
 
@@ -345,9 +469,14 @@ class Applier:
                 "br_hello_time": round(stp["hello_time"] * 100), "br_max_age": round(stp["max_age"] * 100),
                 "br_priority": stp["priority"]}
 
+    def _link(self, ns: str, name: str, **extra) -> dict:
+        return self.record({"op": "link", "ns": ns, "name": name, "ifindex": new_ifindex(), "nsino": ns_ident(ns),
+                            **extra})
+
     def do_bridge_add(self, a: Action) -> None:
-        self.net.ipr(a.ns).link("add", ifname=a.name, kind="bridge", **self._bridge_opts(a.args["stp"]))
-        self.record({"op": "link", "ns": a.ns, "name": a.name})
+        item = self._link(a.ns, a.name)
+        self.net.ipr(a.ns).link("add", ifname=a.name, index=item["ifindex"], kind="bridge",
+                                **self._bridge_opts(a.args["stp"]))
         self._fdb_limit(a)
 
     def do_bridge_set(self, a: Action) -> None:
@@ -368,57 +497,69 @@ class Applier:
 
     def do_veth_add(self, a: Action) -> None:
         peer_ns = a.args.get("peer_ns") or "/proc/thread-self/ns/net"
-        self.net.ipr(a.ns).link("add", ifname=a.name, kind="veth",
+        item = self._link(a.ns, a.name)  # the pair goes together: the host end's identity stands for both
+        self.net.ipr(a.ns).link("add", ifname=a.name, index=item["ifindex"], kind="veth",
                                 peer={"ifname": a.args["peer"], "net_ns_fd": peer_ns})
-        self.record({"op": "link", "ns": a.ns, "name": a.name})
 
     def do_tap_add(self, a: Action) -> None:
         x = a.args
-        _tap_create(a.ns, a.name, x.get("owner"), x.get("group"), x.get("multi_queue"), x.get("vnet_hdr", True))
-        self.record({"op": "link", "ns": a.ns, "name": a.name})
+        # TUNSETIFF cannot be given an index: the tap's is recorded once it exists, before it is made persistent.
+        item = self.record({"op": "link", "ns": a.ns, "name": a.name, "nsino": ns_ident(a.ns)})
+        _tap_create(a.ns, a.name, x.get("owner"), x.get("group"), x.get("multi_queue"), x.get("vnet_hdr", True),
+                    lambda ident: self.note(item, ident))
 
     def do_addr_add(self, a: Action) -> None:
+        self.record({"op": "addr", "ns": a.ns, "dev": a.name, "address": a.args["address"],
+                     **self._dev(a.ns, a.name)})
         _addr(self.net.ipr(a.ns), "add", self.net.index(a.ns, a.name), a.args["address"])
-        self.record({"op": "addr", "ns": a.ns, "dev": a.name, "address": a.args["address"]})
 
     def do_addr_flush(self, a: Action) -> None:
-        # The seed's `ip addr flush dev eth1`; undone by putting the addresses back.
+        # The seed's `ip addr flush dev eth1`; undone by putting the addresses back. Recorded first: a kill -9
+        # after the flush must not lose the uplink's addresses.
         idx = self.net.index(a.ns, a.name)
+        self.record({"op": "flushed", "ns": a.ns, "dev": a.name, "addresses": a.args["addresses"],
+                     "gateway": a.args.get("gateway"), "ifindex": idx})
         for address in a.args["addresses"]:
             _addr(self.net.ipr(a.ns), "del", idx, address)
-        self.record({"op": "flushed", "ns": a.ns, "dev": a.name, "addresses": a.args["addresses"],
-                     "gateway": a.args.get("gateway")})
 
     def do_route_add(self, a: Action) -> None:
+        self.record({"op": "route", "ns": a.ns, "dev": a.name, "gateway": a.args["gateway"],
+                     **self._dev(a.ns, a.name)})
         try:
             self.net.ipr(a.ns).route("add", dst="0.0.0.0/0", gateway=a.args["gateway"],
                                      oif=self.net.index(a.ns, a.name))
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        self.record({"op": "route", "ns": a.ns, "dev": a.name, "gateway": a.args["gateway"]})
 
     def do_master(self, a: Action, up: bool | None = None) -> None:
+        self.record({"op": "master", "ns": a.ns, "name": a.name, **self._dev(a.ns, a.name)})
         self.net.raw(a.ns).link_set(a.name, master=self.net.index(a.ns, a.args["bridge"]), up=up)
-        self.record({"op": "master", "ns": a.ns, "name": a.name})
 
     def do_up(self, a: Action) -> None:
         self.net.raw(a.ns).link_set(a.name, up=True)
 
     def do_light_del(self, a: Action) -> None:
-        _ignore_missing(self.net.ipr(a.ns).link, "del", ifname=a.args["device"])
+        # plan() checked the namespace is ours; undo() checks again, by identity, before removing anything.
+        gns = a.args["netns"]
+        items = [i for i in self.state.created if i["op"] == "light" and i["name"] == gns]
+        self.net.forget(gns)
+        undo(items, self.net, self.progress, state=self.state, ports=True)
+        for i in items:
+            self.state.remove(i)
         self.net.forget(a.ns, a.args["device"])
-        self.net.forget(a.args["netns"])
-        netns_delete(a.args["netns"])
+        self.state.save()
 
     def do_light_add(self, a: Action) -> None:
         x, gns = a.args, a.args["netns"]
-        netns_create(gns)
-        self.record({"op": "light", "name": gns})
+        item = self.record({"op": "light", "ns": a.ns, "name": gns, "device": x["device"], "t": time.time(),
+                            "ifindex": new_ifindex(), "nsino": ns_ident(a.ns)})
+        netns_create(gns, lambda ident: self.note(item, ident))
         g = self.net.raw(gns)
         # Create the pair from inside the guest: its end (with the guest's MAC, up) stays there at ifindex 2 (lo is
-        # 1 in a new namespace), the port goes to the host namespace; the address then goes on by index, no lookup.
-        g.veth_add(LIGHT_DEV, 2, x["mac"], x["device"], self.net.nsfd(a.ns))
+        # 1 in a new namespace), the port goes to the host namespace at the index recorded above; the address then
+        # goes on by index, no lookup.
+        g.veth_add(LIGHT_DEV, 2, x["mac"], x["device"], self.net.nsfd(a.ns), peer_index=item["ifindex"])
         g.addr_add(2, x["address"])
         g.link_up_index(1)
         if x.get("gateway"):
@@ -429,12 +570,13 @@ class Applier:
 
     def do_nat_add(self, a: Action) -> None:
         x = a.args
+        item = self.record({"op": "sysctl", "ns": a.ns, "key": "net/ipv4/ip_forward", "nsino": ns_ident(a.ns)})
         with entered(a.ns):
             with open("/proc/sys/net/ipv4/ip_forward", "r+") as f:  # per namespace; opened from inside it
-                old = f.read().strip()
+                if "old" not in item:  # a repeated nat_add keeps the value from before the first
+                    self.note(item, {"old": f.read().strip()})
                 f.seek(0)
                 f.write("1")
-        self.record({"op": "sysctl", "ns": a.ns, "key": "net/ipv4/ip_forward", "old": old})
         # Masquerade what leaves by the uplink from the bridge's subnet; forward only replies back in, so the WAN
         # cannot open connections to guests even with a route to them.
         script = f"""table inet {NAT_TABLE} {{
@@ -447,77 +589,189 @@ class Applier:
   }}
 }}
 """
+        self.record({"op": "nat", "ns": a.ns, "table": NAT_TABLE, "nsino": ns_ident(a.ns)})
+        # `nft -f` with `table` adds to an existing table: plan() refused if one not ours was there.
         _run_in(a.ns, ["nft", "-f", "-"], input=script)
-        self.record({"op": "nat", "ns": a.ns, "table": NAT_TABLE})
 
     def do_guest_start(self, a: Action) -> None:
-        from . import guests
+        from . import guests, qemu
         g = next(g for g in self.lab.guests if g.name == a.name)
         run_dir = guest_dir(self.lab.name, self.run_root)
-        # Recorded first: if QEMU half-starts, the rollback still stops whatever the pidfile names.
-        self.record({"op": "guest", "name": g.name, "ns": a.ns, "run_dir": str(run_dir)})
-        guests.start(self.lab, g, run_dir, self.progress)
+        # Recorded (on disk) first: if `up` dies while QEMU starts, `down` still finds it by its pidfile path, which
+        # is on its command line.
+        item = self.record({"op": "guest", "name": g.name, "ns": a.ns, "run_dir": str(run_dir),
+                            "pidfile": str(qemu.paths(run_dir, g.name)["pid"])})
+        pid = guests.start(self.lab, g, run_dir, self.progress)
+        self.note(item, {"pid": pid, "start": qemu.start_time(pid)})
 
 
 # --- undoing ----------------------------------------------------------------------------------------------------
 
-def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s: None) -> list[str]:
-    """Undo recorded items, newest first. Items inside a namespace that is itself being deleted go with it.
-    Returns the problems met (an item already gone is not a problem)."""
-    dying = {i["name"] for i in items if i["op"] in ("netns", "light")}
+def _warn(msg: str) -> None:
+    import sys
+    print(f"kvmnet-setup: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _index_now(net: Net, ns: str, name: str) -> int | None:
+    try:
+        return net.ipr(ns).link("get", ifname=name)[0]["index"]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+
+
+def undo(items: list[dict], net: Net, progress: Callable[[str], None] = lambda s: None, state: State | None = None,
+         warn: Callable[[str], None] = _warn, failed: list[dict] | None = None, ports: bool = False) -> list[str]:
+    """Undo recorded items, newest first, each only if what is there now is what we made (by identity: the
+    namespace's inode, the device's ifindex, the process's start time). Something else under a recorded name is
+    left alone, with a warning. Items inside a namespace that is itself being deleted go with it.
+    Returns the problems met (an item already gone is not a problem); the items they concern go to `failed`, so
+    the record keeps them for the next `down`. With `ports`, a light guest's port is deleted at once, not with its
+    namespace when the kernel gets round to freeing it (one veth deletion is ~15 ms: only when the name is reused
+    right away)."""
+    owner = {i["name"]: ns_owner(i) for i in items if i["op"] in ("netns", "light")}
     problems = []
+    failed = [] if failed is None else failed
+    here = ns_ident("")
     for item in reversed(items):
         op, ns = item["op"], item.get("ns", "")
-        if op not in ("netns", "light", "guest") and ns in dying:
-            continue
+        if op not in ("netns", "light", "guest") and ns in owner:
+            continue  # goes with its namespace (or, if that is someone else's now, was never in it)
+        hook_intent(item, "undo")
         try:
             if op == "guest":
                 from . import guests
                 progress(f"stopping QEMU guest {item['name']}")
-                guests.stop(item["run_dir"], item["name"])
+                guests.stop(item["run_dir"], item["name"], start=item.get("start"))
             elif op in ("netns", "light"):
-                net.forget(item["name"])
-                # Nothing runs in a light guest's namespace; skipping the /proc scan keeps `down` fast at scale.
-                netns_delete(item["name"], kill=(op == "netns"))
-            elif ns and not netns_exists(ns):
-                continue
+                name, how = item["name"], owner[item["name"]]
+                if how == "ours":
+                    net.forget(name)
+                    if ports and op == "light" and item.get("ifindex") and ns_ident(ns) == item.get("nsino"):
+                        # The port in the host namespace, by the index we gave it (a light guest made again reuses
+                        # the port's name).
+                        if _index_now(net, ns, item["device"]) == item["ifindex"]:
+                            _ignore_missing(net.ipr(ns).link, "del", index=item["ifindex"])
+                        net.forget(ns, item["device"])
+                    if op == "netns":
+                        others = netns_pids(name)
+                        if others:
+                            warn(f"namespace {name}: processes kvmnet-setup did not start still run in it (pids "
+                                 f"{', '.join(map(str, others[:5]))}); its name is removed, the namespace ends when "
+                                 "they exit")
+                    netns_delete(name)
+                elif how == "half":
+                    os.unlink(os.path.join(NETNS_RUN_DIR, name))  # our placeholder; `up` died before binding it
+                elif how == "foreign" and "ino" in item:  # (without "ino" we never made it: nothing to say)
+                    warn(f"namespace {name}: not the one this lab made (removed and re-created by someone else?); "
+                         "left alone")
+            elif not ns and item.get("nsino") and item["nsino"] != here:
+                # Host mode, run from another namespace than `up` was: these are not the devices it changed.
+                problems.append(f"{op} {item.get('name') or item.get('dev')}: recorded in another network namespace "
+                                "than this run's; run `down` where `up` ran")
+                failed.append(item)
+            elif (ns and not netns_exists(ns)) or ("nsino" in item and ns_ident(ns) != item["nsino"]):
+                continue  # its namespace is gone, or is someone else's now (ours died with the one we made)
             elif op == "link":
-                _ignore_missing(net.ipr(ns).link, "del", ifname=item["name"])
-                net.forget(ns, item["name"])
-            elif op == "addr":
-                _ignore_missing(_addr, net.ipr(ns), "del", net.index(ns, item["dev"]), item["address"])
-            elif op == "flushed":
-                for address in item["addresses"]:
-                    _addr(net.ipr(ns), "add", net.index(ns, item["dev"]), address)
-                if item.get("gateway"):
-                    try:
-                        net.ipr(ns).route("add", dst="0.0.0.0/0", gateway=item["gateway"],
-                                          oif=net.index(ns, item["dev"]))
-                    except NetlinkError as e:
-                        if e.code != errno.EEXIST:
-                            raise
-            elif op == "route":
-                _ignore_missing(net.ipr(ns).route, "del", dst="0.0.0.0/0", gateway=item["gateway"],
-                                oif=net.index(ns, item["dev"]))
-            elif op == "master":
-                _ignore_missing(net.ipr(ns).link, "set", index=net.index(ns, item["name"]), master=0)
+                how = link_owner(net, item)
+                if how == "ours":
+                    _ignore_missing(net.ipr(ns).link, "del", index=item["ifindex"])
+                    net.forget(ns, item["name"])
+                # "foreign": a namesake, not ours (or our create never happened): left alone
+            elif op in ("addr", "flushed", "route", "master"):
+                dev = item.get("dev") or item["name"]
+                index = _index_now(net, ns, dev)
+                if index is None or ("ifindex" in item and index != item["ifindex"]):
+                    continue  # the device we changed is gone; one of that name now is not it
+                if op == "addr":
+                    _ignore_missing(_addr, net.ipr(ns), "del", index, item["address"])
+                elif op == "flushed":
+                    for address in item["addresses"]:
+                        _addr(net.ipr(ns), "add", index, address)
+                    if item.get("gateway"):
+                        try:
+                            net.ipr(ns).route("add", dst="0.0.0.0/0", gateway=item["gateway"], oif=index)
+                        except NetlinkError as e:
+                            if e.code != errno.EEXIST:
+                                raise
+                elif op == "route":
+                    _ignore_missing(net.ipr(ns).route, "del", dst="0.0.0.0/0", gateway=item["gateway"], oif=index)
+                else:
+                    _ignore_missing(net.ipr(ns).link, "set", index=index, master=0)
             elif op == "nat":
                 _run_in(ns, ["nft", "delete", "table", "inet", item["table"]], check=False)
-            elif op == "sysctl":
+            elif op == "sysctl" and "old" in item:
                 with entered(ns):
-                    Path("/proc/sys", item["key"]).write_text(item["old"])
+                    f = Path("/proc/sys", item["key"])
+                    # Put back what was there only if it is still what we set, and no other lab relies on it.
+                    if f.read_text().strip() == "1" and not _sysctl_shared(item, state):
+                        f.write_text(item["old"])
         except NetlinkError as e:
             if e.code != errno.ENODEV:
-                problems.append(f"{op} {item}: {os.strerror(e.code)}")
+                problems.append(f"{op} {item.get('name') or item.get('dev')}: {os.strerror(e.code)}")
+                failed.append(item)
         except Exception as e:  # keep going: down must remove everything it can
             problems.append(f"{op} {item.get('name') or item.get('dev')}: {e}")
+            failed.append(item)
     return problems
+
+
+def _sysctl_shared(item: dict, state: State | None) -> bool:
+    """Another lab's record also set this sysctl in this namespace (host mode: several labs, one ip_forward)."""
+    from .state import RUN_DIR
+    root = state.dir.parent if state is not None else RUN_DIR
+    for other in sorted(root.glob("*/state.json")):
+        if state is not None and other.parent == state.dir:
+            continue
+        try:
+            items = State(other.parent.name, root=root).created
+        except Exception:  # unreadable: assume it may rely on it
+            return True
+        if any(i.get("op") == "sysctl" and i.get("key") == item["key"] and i.get("nsino") == item.get("nsino")
+               for i in items):
+            return True
+    return False
+
+
+def reconcile(state: State, net: Net, warn: Callable[[str], None] = _warn) -> None:
+    """After a kill -9 (or someone else's hand): drop from the record what is gone or not ours, and remove our own
+    half-made namespace files, so `up` neither adopts a namesake nor trips over its own leftovers."""
+    keep, dead = [], set()
+    dumps: dict = {}
+    for item in state.created:
+        op = item["op"]
+        if op in ("netns", "light"):
+            how = ns_owner(item)
+            if how == "ours":
+                keep.append(item)
+                continue
+            if how == "half":
+                os.unlink(os.path.join(NETNS_RUN_DIR, item["name"]))
+            elif how == "foreign" and "ino" in item:
+                warn(f"namespace {item['name']}: not the one this lab made (removed and re-created by someone "
+                     "else?); dropped from the record, left alone")
+            dead.add(item["name"])
+        elif op == "link":
+            how = "gone" if item.get("ns", "") in dead else link_owner(net, item, dumps)
+            if how == "ours":
+                keep.append(item)
+        else:
+            keep.append(item)
+    # Changes to devices inside a namespace that went are gone with it; QEMU guests are kept: found by pidfile.
+    keep = [i for i in keep if i["op"] in ("guest", "netns", "light") or i.get("ns", "") not in dead]
+    if len(keep) != len(state.created):
+        for item in [i for i in state.created if i not in keep]:
+            state.remove(item)
+        state.save()
 
 
 def up(lab: Lab, state: State, force: bool = False, progress: Callable[[str], None] = lambda s: None,
        dry_run: bool = False, run_root: Path | None = None) -> list[Action]:
     with Net() as net:
-        actions = planmod.plan(lab, observe(lab, net, run_root), force=force)
+        if not dry_run:
+            reconcile(state, net)
+        actions = planmod.plan(lab, observe(lab, net, run_root, state), force=force)
         if not dry_run and actions:
             Applier(lab, net, state, progress, run_root).run(actions)
         return actions
@@ -543,10 +797,17 @@ def wait_guests(lab: Lab, names: list[str], timeout: float, progress: Callable[[
     return problems
 
 
-def down(state: State, progress: Callable[[str], None] = lambda s: None) -> tuple[int, list[str]]:
+def down(state: State, progress: Callable[[str], None] = lambda s: None,
+         warn: Callable[[str], None] = _warn) -> tuple[int, list[str]]:
     with Net() as net:
         n = len(state.created)
-        problems = undo(state.created, net, progress)
+        failed: list[dict] = []
+        problems = undo(state.created, net, progress, state=state, warn=warn, failed=failed)
+    if failed:  # keep what could not be undone (a QEMU that survived SIGKILL...): the next `down` tries again
+        state.created = [i for i in state.created if i in failed]
+        state.rewrite()
+        state.save()
+        return n - len(failed), problems
     state.created, state.taps = [], {}
     state.clear()
     return n, problems

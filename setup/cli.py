@@ -1,16 +1,16 @@
 """kvmnet-setup {plan,up,down,status,image} -c LAB.yaml [--json]
 
-Exit status: 0 done; 1 a run-time failure (said in one line; a failed `up` is rolled back); 2 bad input (one line
-naming the field, nothing created).
+Exit status: 0 done; 1 a run-time failure (said in one line; a failed `up` is rolled back), or the lab is held by
+another run; 2 bad input or a refusal (one line naming the field, nothing created), e.g. a name the lab would create
+is taken by something kvmnet-setup did not create.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-
-import yaml
 
 from kvmnet.common.lab import LabError, load_lab
 
@@ -20,17 +20,22 @@ def _progress(quiet: bool):
 
 
 def _lab_name(path: str) -> str:
-    """The state key for `down`, even when the edited lab file no longer validates."""
+    """The state key for `down`, even when the edited lab file no longer validates. Always a valid lab name: it
+    names a directory under /run/kvmnet that `down` removes."""
+    from kvmnet.common import yamlfile
+    from kvmnet.common.lab import _nsname
     try:
         return load_lab(path).name
-    except LabError:
+    except LabError as e:
+        first = e
+    # A lab file deleted since `up`: the record is keyed by its stem. Unreadable or not YAML: that line, exit 2.
+    data = yamlfile.read_yaml(path, LabError) if os.path.lexists(path) else None
+    for name in ((data.get("name") if isinstance(data, dict) else None), Path(path).stem):
         try:
-            data = yaml.safe_load(Path(path).read_text())
-            if isinstance(data, dict) and isinstance(data.get("name"), str):
-                return data["name"]
-        except (OSError, yaml.YAMLError):
-            pass
-        return Path(path).stem
+            return _nsname(name)
+        except ValueError:
+            continue
+    raise first
 
 
 def cmd_plan(args) -> int:
@@ -53,9 +58,14 @@ def cmd_up(args) -> int:
     from .state import State
     lab = load_lab(args.config)
     progress = _progress(args.json)
-    actions = apply.up(lab, State(lab.name), force=args.force, progress=progress)
-    started = [a.name for a in actions if a.op == "guest_start"]
-    problems = apply.wait_guests(lab, started, args.wait, progress) if started and args.wait > 0 else []
+    st = State(lab.name)
+    st.lock()  # one run per lab, for the whole run: a second fails at once, naming this one's pid
+    try:
+        actions = apply.up(lab, st, force=args.force, progress=progress)
+        started = [a.name for a in actions if a.op == "guest_start"]
+        problems = apply.wait_guests(lab, started, args.wait, progress) if started and args.wait > 0 else []
+    finally:
+        st.unlock()
     if args.json:
         print(json.dumps({"lab": lab.name, "changed": len(actions), "actions": [a.to_json() for a in actions],
                           "problems": problems}))
@@ -73,7 +83,11 @@ def cmd_down(args) -> int:
     from .state import State
     name = _lab_name(args.config)
     st = State(name)
-    n, problems = apply.down(st, progress=_progress(args.json))
+    st.lock()
+    try:
+        n, problems = apply.down(st, progress=_progress(args.json))
+    finally:
+        st.unlock()
     if args.json:
         print(json.dumps({"lab": name, "removed": n, "problems": problems}))
     else:
@@ -126,11 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     from .apply import ApplyError
     from .plan import Refused
+    from .state import Busy, StateError
     try:
         code = args.fn(args)
     except (LabError, Refused) as e:
         print(f"kvmnet-setup: {e}", file=sys.stderr)
         code = 2
+    except (Busy, StateError) as e:
+        print(f"kvmnet-setup: {args.cmd}: {e}", file=sys.stderr)
+        code = 1
     except ApplyError as e:
         print(f"kvmnet-setup: {args.cmd} failed: {e}", file=sys.stderr)
         code = 1

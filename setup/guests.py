@@ -50,13 +50,13 @@ def start(lab: Lab, g: Guest, run_dir: Path, progress=lambda s: None) -> int:
 
 def alive(run_dir: str | Path, name: str) -> bool:
     from . import qemu
-    return qemu.pid_alive(run_dir, name) is not None
+    return qemu.find_pid(run_dir, name) is not None  # also one still starting, from an `up` killed meanwhile
 
 
-def stop(run_dir: str | Path, name: str) -> str:
+def stop(run_dir: str | Path, name: str, start: int | None = None) -> str:
     from . import qemu
     # powerdown=False: the tiny guest has nothing to flush, and `down` of many guests should not wait on ACPI.
-    return qemu.stop(run_dir, name, powerdown=False)
+    return qemu.stop(run_dir, name, powerdown=False, start=start)
 
 
 def status(run_dir: Path, name: str) -> dict:

@@ -6,7 +6,7 @@
 The kernel comes from the versioned package that `linux-image-cloud-amd64` depends on: downloaded with
 `apt-get download` and unpacked with `dpkg-deb -x`, never installed. Its virtio modules are not built in, so /init
 loads them in dependency order (busybox insmod does not resolve dependencies), then configures eth0 from the kernel
-command line (`kvmnet.ip=ADDR/LEN`, `kvmnet.gw=ADDR`, `kvmnet.name=HOST`), answers ping and waits. An ACPI power
+command line (`kvmnet.ip=ADDR/LEN` or `kvmnet.ip=dhcp`, `kvmnet.gw=ADDR`, `kvmnet.name=HOST`), answers ping and waits. An ACPI power
 button press (QMP `system_powerdown`) powers it off through busybox acpid.
 
 The cache lives in /var/cache/kvmnet/guest/<kernel-version>-<hash>/ (KVMNET_CACHE_DIR overrides the root); the hash
@@ -63,7 +63,14 @@ ip link set lo up
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 ip link set eth0 up || echo "kvmnet-guest: no eth0"
-[ -n "$ip" ] && ip addr add "$ip" dev eth0
+if [ "$ip" = dhcp ]; then
+  # kvmnet.ip=dhcp: ask a DHCP server (libvirt's NAT networks: dnsmasq), keep renewing in the background.
+  printf '#!/bin/sh\ncase "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface";; esac\n' > /tmp/udhcpc.sh
+  chmod +x /tmp/udhcpc.sh
+  udhcpc -i eth0 -s /tmp/udhcpc.sh -x "hostname:$name" -b -t 20 -T 1 >/dev/null 2>&1
+elif [ -n "$ip" ]; then
+  ip addr add "$ip" dev eth0
+fi
 [ -n "$gw" ] && ip route add default via "$gw"
 acpid -c /etc/acpi -l /tmp/acpid.log -p /tmp/acpid.pid || echo "kvmnet-guest: no acpid"
 echo "kvmnet-guest: ready name=$name ip=$ip gw=$gw mac=$(cat /sys/class/net/eth0/address 2>/dev/null)"

@@ -33,7 +33,13 @@ class Observed:
     default_gw: dict[str, str | None] = field(default_factory=dict)   # netns -> its gateway
     light_ok: set[str] = field(default_factory=set)   # light guests whose namespace, veth and address are all there
     qemu_alive: set[str] = field(default_factory=set)  # QEMU guests whose process runs
-    nat: set[str] = field(default_factory=set)        # namespaces holding our nft table
+    nat: set[str] = field(default_factory=set)        # namespaces holding an nft table named NAT_TABLE
+    # Ownership, from the record's identities (apply._ownership): what exists and is ours. What exists and is not
+    # ours is never used, changed or removed: `up` refuses when a name it would create is taken.
+    ours_ns: set[str] = field(default_factory=set)
+    ours_links: dict[str, set[str]] = field(default_factory=dict)   # netns -> device names
+    ours_nat: set[str] = field(default_factory=set)
+    not_namespaces: set[str] = field(default_factory=set)  # /run/netns entries that are plain files (half-made)
 
 
 @dataclass
@@ -82,19 +88,38 @@ def _stp_kernel(stp) -> dict:
             "priority": stp.priority}
 
 
+_NOT_OURS = "kvmnet-setup never adopts, changes or removes what it did not create: remove it or choose another name"
+
+
 def plan(lab: Lab, obs: Observed, force: bool = False) -> list[Action]:
+    """The actions; Refused (nothing done) if a name the lab would create is taken by something not ours."""
     acts: list[Action] = []
     host = lab.host_netns
     add = lambda op, ns, name, **args: acts.append(Action(op, ns, name, args))  # noqa: E731
 
+    def ns_free(ns: str, where: str) -> bool:
+        """True if `ns` must be created; False if it is ours already; Refused if someone else has the name."""
+        if ns not in obs.namespaces:
+            return True
+        if ns in obs.ours_ns:
+            return False
+        half = " (a plain file, not a namespace: a half-made `ip netns add`?)" if ns in obs.not_namespaces else ""
+        raise Refused(f"{where}: namespace {ns!r} exists{half} and was not made by lab {lab.name}; {_NOT_OURS}")
+
+    def dev_free(ns: str, name: str, where: str) -> None:
+        if name in obs.links.get(ns, {}) and name not in obs.ours_links.get(ns, set()):
+            place = f"in namespace {ns}" if ns else "on this host"
+            raise Refused(f"{where}: device {name!r} exists {place} and was not made by lab {lab.name}; {_NOT_OURS}")
+
     if lab.mode == "netns":
-        for ns in (host, lab.lan_netns):
-            if ns and ns not in obs.namespaces:
+        for role, ns in (("host", host), ("lan", lab.lan_netns)):
+            if ns and ns_free(ns, f"namespaces.{role}"):
                 add("netns_add", "", ns)
     links = obs.links.get(host, {})
     lan_links = obs.links.get(lab.lan_netns, {})
 
-    for b in lab.bridges:
+    for i, b in enumerate(lab.bridges):
+        dev_free(host, b.name, f"bridges[{i}].name")
         have = links.get(b.name)
         want = _stp_kernel(b.stp)
         limit = {} if b.fdb_max_learned is None else {"fdb_max_learned": b.fdb_max_learned}
@@ -115,6 +140,10 @@ def plan(lab: Lab, obs: Observed, force: bool = False) -> list[Action]:
         bridge = ports.get(up.name)
         addresses = list(have.addresses) if have else []
         default = obs.default_dev.get(host)
+        if lab.mode == "netns":
+            dev_free(host, up.name, "uplink.name")
+            if up.lan and up.name not in links:
+                dev_free(lab.lan_netns, up.lan.device, "uplink.lan.device")
         if have is None:
             if lab.mode == "host":
                 raise Refused(f"uplink.name: no such device on this host: {up.name!r}")
@@ -156,7 +185,11 @@ def plan(lab: Lab, obs: Observed, force: bool = False) -> list[Action]:
     qemu_taps = {g.tap for g in lab.guests if g.kind == "qemu"}
     tap_names = [t.name for t in lab.taps] + [t for t in sorted(qemu_taps) if t not in {x.name for x in lab.taps}]
     alive = {g.tap for g in lab.guests if g.kind == "qemu" and g.name in obs.qemu_alive}
+    where = {t.name: f"taps[{i}].name" for i, t in enumerate(lab.taps)}
+    for i, g in enumerate(lab.guests):
+        where.setdefault(g.tap, f"guests[{i}].tap")
     for name in tap_names:
+        dev_free(host, name, where[name])
         t = lab.tap(name)
         have = links.get(name)
         if have is None:
@@ -170,16 +203,21 @@ def plan(lab: Lab, obs: Observed, force: bool = False) -> list[Action]:
         if have is None or not have.up:
             add("up", host, name)
 
-    for g in lab.guests:
+    for i, g in enumerate(lab.guests):
         if g.kind != "netns" or g.name in obs.light_ok:
             continue
         gns = lab.guest_netns(g)
+        ns_free(gns, f"guests[{i}].netns")
+        dev_free(host, g.tap, f"guests[{i}].tap")
         args = dict(netns=gns, device=g.tap, bridge=g.bridge, mac=g.mac, address=str(g.address),
                     gateway=str(g.gateway) if g.gateway else None)
-        if gns in obs.namespaces or g.tap in links:
+        if gns in obs.namespaces or g.tap in links:  # ours (checked above), but incomplete: made again
             add("light_del", host, g.name, **args)
         add("light_add", host, g.name, **args)
 
+    if lab.nat and host in obs.nat and host not in obs.ours_nat:
+        raise Refused(f"nat: nft table inet {NAT_TABLE} exists {f'in namespace {host}' if host else 'on this host'} "
+                      f"and was not made by lab {lab.name}; {_NOT_OURS}")
     if lab.nat and host not in obs.nat:
         b = next(b for b in lab.bridges if b.name == lab.nat.bridge)
         add("nat_add", host, NAT_TABLE, bridge=b.name, out=lab.nat.out,

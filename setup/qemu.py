@@ -176,22 +176,49 @@ def read_pid(run_dir: str | Path, name: str) -> int | None:
         return None
 
 
-def _is_qemu(pid: int) -> bool:
-    """pid is alive and is a QEMU (a recycled pid is not ours). Zombies count as gone."""
+def start_time(pid: int) -> int | None:
+    """/proc/PID/stat field 22 (starttime, in clock ticks since boot): with the pid, names one process for good."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[19])  # fields[0] is field 3 (state); zombies count as gone
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _started_by_us(pid: int, pidfile: str | Path) -> bool:
+    """pid is alive (not a zombie) and is the QEMU we started with this -pidfile: our run directory's pidfile path is
+    on its command line. A recycled pid, or someone else's QEMU, is not ours."""
+    if start_time(pid) is None:
         return False
-    return "qemu-system" in os.path.basename(exe)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    want = os.fsencode(str(pidfile))
+    return any(a == b"-pidfile" and b == want for a, b in zip(argv, argv[1:]))
+
+
+def find_pid(run_dir: str | Path, name: str, start: int | None = None) -> int | None:
+    """The guest's QEMU, if it runs: the pidfile's pid if it is ours (and, with `start`, started then); else a
+    process whose command line names our pidfile (QEMU still starting, or its pidfile lost)."""
+    pidfile = paths(run_dir, name)["pid"]
+    pid = read_pid(run_dir, name)
+    if pid is not None and _started_by_us(pid, pidfile) and (start is None or start_time(pid) == start):
+        return pid
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and _started_by_us(int(entry), pidfile):
+            return int(entry)
+    return None
 
 
 def pid_alive(run_dir: str | Path, name: str) -> int | None:
     """The guest's QEMU pid if it runs, else None."""
     pid = read_pid(run_dir, name)
-    return pid if pid is not None and _is_qemu(pid) else None
+    if pid is not None and _started_by_us(pid, paths(run_dir, name)["pid"]):
+        return pid
+    return None
 
 
 def _netns_prefix(netns: str) -> list[str]:
@@ -236,7 +263,7 @@ def start(argv: Sequence[str], netns: str = "", env: dict[str, str] | None = Non
         # Only the foreground QEMU was killed; its daemon half may already have written the pidfile.
         try:
             pid = int(pidfile.read_text().split()[0])
-            if _is_qemu(pid):
+            if _started_by_us(pid, pidfile):
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError, IndexError):
             pass
@@ -264,16 +291,17 @@ def status(run_dir: str | Path, name: str) -> dict:
     return out
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def _wait_gone(pid: int, start: int | None, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not _is_qemu(pid):
+        if start_time(pid) != start:
             return True
         time.sleep(0.05)
-    return not _is_qemu(pid)
+    return start_time(pid) != start
 
 
-def stop(run_dir: str | Path, name: str, timeout: float = 10.0, powerdown: bool = True) -> str:
+def stop(run_dir: str | Path, name: str, timeout: float = 10.0, powerdown: bool = True,
+         start: int | None = None) -> str:
     """Stop a guest; returns how: "not running", "powerdown", "quit", "sigterm" or "sigkill".
 
     powerdown first asks the guest (ACPI power button) and waits up to half the timeout; then QMP `quit`; then
@@ -281,9 +309,10 @@ def stop(run_dir: str | Path, name: str, timeout: float = 10.0, powerdown: bool 
     tap when its last fd closes).
     """
     p = paths(run_dir, name)
-    pid = pid_alive(run_dir, name)
+    pid = find_pid(run_dir, name, start)
     how = "not running"
     if pid is not None:
+        started = start_time(pid)  # every signal below goes to this process only, never to a pid reused since
         how = ""
         steps: list[tuple[str, float]] = []
         if powerdown:
@@ -303,14 +332,14 @@ def stop(run_dir: str | Path, name: str, timeout: float = 10.0, powerdown: bool 
                     with QMP(p["qmp"], timeout=2.0) as q:
                         asked = True
                         q.execute("quit")
-                else:
+                elif start_time(pid) == started:
                     os.kill(pid, signal.SIGTERM if step == "sigterm" else signal.SIGKILL)
             except (OSError, QemuError, ValueError):
                 # No QMP socket (or QEMU exited meanwhile): no point waiting long on a request never made. If it
                 # was made and the connection dropped, QEMU is on its way out: wait as usual.
                 if not asked:
                     wait = 0.2
-            if _wait_gone(pid, wait):
+            if _wait_gone(pid, started, wait):
                 how = step
                 break
         if not how:

@@ -8,9 +8,16 @@ FDB part (`--no-collector.fdb`): without it the source never subscribes to or du
     kvmnet_port_transmit_bytes_total{netns="lab",bridge="br0",device="vm1eth0"} 123456
     kvmnet_port_up{netns="lab",bridge="br0",device="vm1eth0"} 1
     kvmnet_port_stp_state{netns="lab",bridge="br0",device="vm1eth0",state="forwarding"} 1
-    kvmnet_port_info{netns="lab",bridge="br0",device="vm1eth0",kind="tap",mac="fe:..",guest="vm1"} 1
+    kvmnet_port_info{netns="lab",bridge="br0",device="vm1eth0",kind="tap",mac="fe:..",guest="vm1",lower=""} 1
+    kvmnet_port_info{netns="lab",bridge="",device="macvtap0",kind="macvtap",mac="52:..",guest="web",lower="eth0"} 1
     kvmnet_bridge_ports{netns="lab",bridge="br0"} 2
-    kvmnet_bridge_info{netns="lab",bridge="br0",mac="..",stp="true"} 1
+    kvmnet_bridge_info{netns="lab",bridge="br0",mac="..",stp="true",guest=""} 1
+
+macvtap devices (libvirt `<interface type='direct'>`) are guest NICs that are no bridge's port: they are reported
+in the same kvmnet_port_* families with bridge="" and their lower device in kvmnet_port_info's `lower`; they have no
+STP state (no kvmnet_port_stp_state) and no FDB. Their counters run the other way from a tap's: a macvtap receives
+what goes to its guest (the lower device hands it the frame), so its receive is the guest's receive.
+`guest` on kvmnet_bridge_info names the guest a bridge belongs to (Proxmox's per-guest firewall bridge fwbrNiM).
 
 Bridge internals (the kernel's own view of trouble):
 
@@ -37,10 +44,12 @@ from ..exposition import MetricFamily, labels, with_label
 from ..sources.netlink import STP_STATES, BridgeSnapshot, Counters, NetlinkSource
 
 FIELDS = Counters._fields
+GUEST_KINDS = ("tap", "tun", "macvtap")  # device kinds that are a guest's own NIC
 
 log = logging.getLogger("kvmnet.collectors.bridges")  # the name the logs have always had
 
-_HOST_VIEW = "Host's view: a tap's transmit is its guest's receive."
+_HOST_VIEW = ("Host's view: a tap's transmit is its guest's receive; a macvtap (bridge=\"\") the other way round, "
+              "its receive is its guest's receive.")
 # (field of Counters, direction, unit): the order of the families in the output.
 _COUNTERS = (
     ("rx_bytes", "receive", "bytes"), ("rx_packets", "receive", "packets"),
@@ -58,7 +67,7 @@ def _counter_help(scope: str, direction: str, unit: str) -> str:
     elif unit == "errors":
         verb = "on frames the host sent out of"
     if scope == "port":
-        return f"{_WHAT[unit]} {verb} this bridge port. {_HOST_VIEW}"
+        return f"{_WHAT[unit]} {verb} this bridge port or macvtap. {_HOST_VIEW}"
     return (f"{_WHAT[unit]} {verb} the bridge device itself (frames to and from the host's own stack on the "
             f"bridge, not the traffic it forwards between ports).")
 
@@ -101,16 +110,17 @@ class _Rows:
         self.bridges: dict[tuple, tuple] = {}
 
     def port(self, key: tuple) -> tuple:
-        """key: (netns, bridge, device, kind, mac, guest)."""
+        """key: (netns, bridge, device, kind, mac, guest, lower)."""
         row = self.ports.get(key)
         if row is None:
-            ns, bridge, device, kind, mac, guest = key
+            ns, bridge, device, kind, mac, guest, lower = key
             # Only the base label set goes through the (process-wide, LRU) label cache; the variants are built
             # here and live in this row, so memory stays one row per port.
             pl = labels(netns=ns, bridge=bridge, device=device)
             counters = tuple(f"kvmnet_port_{d}_{u}_total{pl} " for _f, d, u in _COUNTERS)
             stp = tuple(f"kvmnet_port_stp_state{with_label(pl, 'state', s)} " for s in STP_STATES)
-            il = with_label(with_label(with_label(pl, "kind", kind), "mac", mac), "guest", guest)
+            il = with_label(with_label(with_label(with_label(pl, "kind", kind), "mac", mac), "guest", guest),
+                            "lower", lower)
             xstp = tuple(f"{_STP_NAMES[i]}{with_label(pl, _STP_LABELS[i], v)} " for _f, i, v in _STP)
             qdisc = tuple(f"kvmnet_port_qdisc_{suffix}{pl} " for _f, suffix, _k, _h in _QDISC)
             row = self.ports[key] = (counters, f"kvmnet_port_up{pl} ", f"kvmnet_port_carrier_changes_total{pl} ",
@@ -118,13 +128,13 @@ class _Rows:
                                      xstp, qdisc)
         return row
 
-    def bridge(self, ns: str, br) -> tuple:
-        key = (ns, br.name, br.mac, br.stp_enabled)
+    def bridge(self, ns: str, br, guest: str = "") -> tuple:
+        key = (ns, br.name, br.mac, br.stp_enabled, guest)
         row = self.bridges.get(key)
         if row is None:
             bl = labels(netns=ns, bridge=br.name)
             counters = tuple(f"kvmnet_bridge_{d}_{u}_total{bl} " for _f, d, u in _COUNTERS)
-            il = labels(netns=ns, bridge=br.name, mac=br.mac, stp="true" if br.stp_enabled else "false")
+            il = labels(netns=ns, bridge=br.name, mac=br.mac, stp="true" if br.stp_enabled else "false", guest=guest)
             info = f"kvmnet_bridge_info{il} 1"
             row = self.bridges[key] = (counters, f"kvmnet_bridge_up{bl} ", f"kvmnet_bridge_ports{bl} ", info)
         return row
@@ -153,14 +163,17 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
                        "STP state of the bridge port as a state set: 1 for the current state, 0 for the others. "
                        "Ports of a bridge without STP forward (or are disabled while down).")
     info = MetricFamily("kvmnet_port_info", "gauge",
-                        "A bridge port: its kind (tap, tun, veth, ...), its own MAC (host side) and the guest "
-                        "behind it (empty when unknown).")
+                        "A bridge port or macvtap: its kind (tap, tun, veth, macvtap, ...), its own MAC (host "
+                        "side), the guest behind it (never empty for a guest's port: the tap name when nothing "
+                        "names it; empty for uplinks), and for a macvtap (bridge=\"\") its lower device.")
     br_c = [MetricFamily(f"kvmnet_bridge_{d}_{u}_total", "counter", _counter_help("bridge", d, u))
             for _f, d, u in _COUNTERS]
     br_up = MetricFamily("kvmnet_bridge_up", "gauge",
                          "Carrier of the bridge device (IFF_LOWER_UP): 1 while at least one port is up.")
     br_ports = MetricFamily("kvmnet_bridge_ports", "gauge", "Ports enslaved to the bridge.")
-    br_info = MetricFamily("kvmnet_bridge_info", "gauge", "A bridge: its MAC and whether kernel STP is on.")
+    br_info = MetricFamily("kvmnet_bridge_info", "gauge",
+                           "A bridge: its MAC, whether kernel STP is on, and the guest it belongs to if it is a "
+                           "guest's own (Proxmox's firewall bridge fwbrNiM), else empty.")
     txq = MetricFamily("kvmnet_port_transmit_queue_length", "gauge",
                        "Transmit queue length of the port in packets (IFLA_TXQLEN): how much the host queues "
                        "towards a guest before its qdisc drops.")
@@ -183,8 +196,10 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
     up_l, flaps_l, stp_l, info_l = up.lines, flaps.lines, stp.lines, info.lines
     seen_p, seen_b = set(), set()
     for br in snap.bridges:
-        counters, up_p, ports_p, binfo = rows.bridge(ns, br)  # always: the device filter is for ports
-        seen_b.add((ns, br.name, br.mac, br.stp_enabled))
+        bg = guests.get(br.name)
+        bguest = bg.name if bg is not None else ""
+        counters, up_p, ports_p, binfo = rows.bridge(ns, br, bguest)  # always: the device filter is for ports
+        seen_b.add((ns, br.name, br.mac, br.stp_enabled, bguest))
         st = br.stats
         for lines, prefix, i in zip(bc_lines, counters, idx):
             lines.append(prefix + str(st[i]))
@@ -195,7 +210,10 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
             if not keep(p.name):
                 continue
             g = guests.get(p.name)
-            key = (ns, br.name, p.name, p.kind, p.mac, g.name if g is not None else "")
+            # A guest's port is never unnamed: a tap nothing names carries its own name (the fallback the
+            # prober's discovery uses too, so kvmnet_port_info joins kvmnet_guest_up on guest).
+            gname = g.name if g is not None else (p.name if p.kind in GUEST_KINDS else "")
+            key = (ns, br.name, p.name, p.kind, p.mac, gname, "")
             counters, up_p, flaps_p, stp_prefixes, pinfo, txq_p, xstp_p, qd_p = rows.port(key)
             seen_p.add(key)
             st = p.stats
@@ -215,6 +233,19 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
             if q is not None:
                 for lines, prefix, v in zip(qd_lines, qd_p, (q.drops, q.overlimits, q.requeues, q.backlog, q.qlen)):
                     lines.append(prefix + str(v))
+    for p in snap.macvtaps:
+        if not keep(p.name):
+            continue
+        g = guests.get(p.name)
+        key = (ns, "", p.name, p.kind, p.mac, g.name if g is not None else p.name, p.lower)
+        counters, up_p, flaps_p, _stp, pinfo, *_internals = rows.port(key)
+        seen_p.add(key)
+        st = p.stats
+        for lines, prefix, i in zip(pc_lines, counters, idx):
+            lines.append(prefix + str(st[i]))
+        up_l.append(up_p + ("1" if p.up else "0"))
+        flaps_l.append(flaps_p + str(p.carrier_changes))
+        info_l.append(pinfo)
     rows.prune(seen_p, seen_b)
     return port_c + [up, flaps, stp, info] + br_c + [br_up, br_ports, br_info, txq, *xstp, *qd]
 

@@ -27,7 +27,7 @@ from .. import tasks
 from .packets import FAMILY_NAME, PAYLOAD_SIZE
 from .socket import IcmpSocket, _Pending
 from .state import GuestState
-from .targets import DISCOVER_EVERY, Discovery, Target
+from .targets import DISCOVER_EVERY, LINK_CHECK_EVERY, Discovery, Target
 
 log = logging.getLogger("kvmnet.icmp")
 
@@ -90,10 +90,18 @@ class Prober:
                 addrs.add(akey)
         with self.lock:
             states = {}
+            # A guest renamed (its identity arrived after discovery named it after its tap) keeps its counters:
+            # the state of a target that is going away on the same device and address moves to the new name.
+            leaving = {(st.target.netns, st.target.device, st.addr): st for key, st in self.states.items()
+                       if key not in chosen and st.target.device}
             for key, t in chosen.items():
                 st = self.states.get(key)
                 if st is None:
-                    st = GuestState(t)
+                    st = leaving.pop((t.netns, t.device, str(t.address)), None) if t.device else None
+                    if st is not None:
+                        st.retarget(t)
+                    else:
+                        st = GuestState(t)
                 elif st.target != t:
                     st.retarget(t)
                 states[key] = st
@@ -378,6 +386,7 @@ class GuestProber:
         self.watched: list[str] = []
         self.directory: Any = None  # the service's GuestDirectory (guest names); None: tap names are used
         self.source_for: Callable[[str], Any] | None = None  # the service's netlink source of a namespace
+        self._gens: dict[str, int] = {}  # netns -> last link generation seen
         self._task: asyncio.Task | None = None
         self.target_namespaces: set[str] = set()  # where configured targets are probed from: /probe may too
         self.inflight = 0  # /probe requests being answered
@@ -415,13 +424,37 @@ class GuestProber:
                 pass
         await self.prober.stop()
 
+    def _links_changed(self) -> bool:
+        """Whether a device appeared, vanished or changed in a watched namespace since the last look (netlink
+        events, no dump); if so the guest directory rescans /proc and libvirt at once, not at its next ttl."""
+        changed = False
+        if self.source_for is None:
+            return False
+        for ns in self.namespaces:
+            try:
+                gen = self.source_for(ns).links_changed(self._gens.get(ns, -1))
+            except Exception:  # noqa: BLE001 - a namespace gone: discovery reports it
+                continue
+            if gen != self._gens.get(ns):
+                self._gens[ns] = gen
+                changed = True
+        if changed and self.directory is not None:
+            self.directory.invalidate()
+        return changed
+
     async def _discover_loop(self) -> None:
+        last = float("-inf")
         while True:
             if self.namespaces:
                 self.discovery.source_for = self.source_for
-                found = await asyncio.to_thread(self.discovery.run_once, list(self.namespaces), self.directory)
-                self.prober.set_targets(found, source="discovery")
-            await asyncio.sleep(DISCOVER_EVERY)
+                # Every DISCOVER_EVERY seconds, and within LINK_CHECK_EVERY of a link event (a new tap, a
+                # macvtap, a tap gone): new guests get their names before their first series is exported.
+                changed = await asyncio.to_thread(self._links_changed)
+                if changed or time.monotonic() - last >= DISCOVER_EVERY:
+                    last = time.monotonic()
+                    found = await asyncio.to_thread(self.discovery.run_once, list(self.namespaces), self.directory)
+                    self.prober.set_targets(found, source="discovery")
+            await asyncio.sleep(LINK_CHECK_EVERY)
 
     def health(self) -> tuple[bool, str]:
         """For /healthz: the probe loop is running and cycling, and so is discovery."""

@@ -68,7 +68,7 @@ from kvmnet.common.netns import NetnsGone
 from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-exported for this module's users
     IFF_LOWER_UP, IFF_UP, IFLA_ADDRESS, IFLA_BR_STP_STATE, IFLA_BRPORT_STATE, IFLA_CARRIER_CHANGES,
     IFLA_EXT_MASK, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_INFO_SLAVE_DATA, IFLA_INFO_SLAVE_KIND,
-    IFLA_LINKINFO, IFLA_MASTER, IFLA_PROTINFO, IFLA_STATS_LINK_64, IFLA_TUN_TYPE, NDA_DST, NDA_LLADDR, NDA_MASTER,
+    IFLA_LINK, IFLA_LINKINFO, IFLA_MASTER, IFLA_PROTINFO, IFLA_STATS_LINK_64, IFLA_TUN_TYPE, NDA_DST, NDA_LLADDR, NDA_MASTER,
     NDA_VLAN, NETLINK_ADD_MEMBERSHIP, NETLINK_ROUTE, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_MULTI,
     NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT, RTEXT_FILTER_SKIP_STATS,
     RTM_DELLINK, RTM_DELNEIGH, RTM_GETLINK, RTM_GETNEIGH, RTM_GETSTATS, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWSTATS,
@@ -82,6 +82,7 @@ from kvmnet.common.rtnl import (  # bridge internals: STP root and learning limi
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "BridgeInfo", "Port", "Counters", "FdbCounts", "Link",
            "Neighbour", "StpCounters", "Qdisc", "NetnsGone", "STP_STATES", "NetlinkProtocolError", "open_netlink"]
 
+IFLA_LINK_NETNSID = 37  # <linux/if_link.h>
 # <linux/if_tun.h>
 IFF_TUN, IFF_TAP = 0x1, 0x2
 # <linux/socket.h>
@@ -128,6 +129,7 @@ class Link:
     name: str
     kind: str                    # IFLA_INFO_KIND; "tap"/"tun" for tun devices; "physical" when the driver has none
     master: int = 0
+    link: int = 0                # IFLA_LINK: a macvtap's lower device (same namespace)
     mac: str = ""
     flags: int = 0
     carrier_changes: int = 0
@@ -194,6 +196,7 @@ class Port:
     stp: StpCounters | None = None   # None: the kernel gave no bridge xstats for it
     qdisc: Qdisc | None = None       # None: no root qdisc reported (or qdiscs not asked for)
     fdb_moves: int | None = None     # None: the FDB is not tracked
+    lower: str = ""  # a macvtap's lower device; "" for bridge ports
 
     @property
     def up(self) -> bool:
@@ -222,6 +225,12 @@ class Bridge:
 class BridgeSnapshot:
     netns: str
     bridges: list[Bridge]  # sorted by name; ports sorted by name
+    # Guest NICs that are no bridge's port: macvtap devices (libvirt <interface type='direct'>), sorted by name.
+    # A macvtap is its own guest's "port" on the lower device's segment; it has no bridge, STP state or FDB.
+    macvtaps: list[Port] = field(default_factory=list)
+    # device -> the device its IFLA_LINK names in this namespace: a veth's peer, a macvlan's or macvtap's lower.
+    # Discovery follows these (Proxmox's fwln/fwpr veth pair between two bridges; a macvtap's macvlan siblings).
+    links: dict[str, str] = field(default_factory=dict)
 
 
 class FdbEntry(NamedTuple):
@@ -285,6 +294,9 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
     link = Link(index=index, name=_cstr(data, name), kind="physical", flags=flags, mac=_mac(data, at.get(IFLA_ADDRESS)))
     if (a := at.get(IFLA_MASTER)) is not None:
         link.master = _u32(data, a)
+    if (a := at.get(IFLA_LINK)) is not None and IFLA_LINK_NETNSID not in at:
+        # Only a link in this namespace: with IFLA_LINK_NETNSID the index is another namespace's.
+        link.link = _u32(data, a)
     if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
         link.carrier_changes = _u32(data, a)
     if (a := at.get(IFLA_TXQLEN)) is not None:
@@ -565,14 +577,15 @@ def neighbours_from_dump(chunks: list[bytes], links: dict[int, Link]) -> list[Ne
 
 
 def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None,
-                 moves: dict[int, int] | None = None) -> list[tuple[tuple[int, str, int], int, int]] | None:
+                 moves: dict[int, int] | None = None, moved: list | None = None) -> bool:
     """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
-    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked. `moves` counts, per
-    ifindex, learned entries that moved onto it from another port. Returns the moves seen, [(key, from, to)], or
-    None when there were none."""
-    moved = None
+    `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked. True if it held a link
+    notification (a device added, removed or changed). `moves` counts, per ifindex, learned entries that moved
+    onto it from another port; `moved` collects them as (key, from, to)."""
+    link_seen = False
     for typ, _f, _s, off, end in iter_messages(chunk):
         if typ == RTM_NEWLINK or typ == RTM_DELLINK:
+            link_seen = True
             _need(off, end, 32, "ifinfomsg")
             if chunk[off + 16] == AF_BRIDGE:
                 # STP state changes come only as AF_BRIDGE notifications (br_ifinfo_notify); the AF_UNSPEC ones
@@ -605,10 +618,11 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
                 if (moves is not None and old is not None and old[0] != e.ifindex and old[1] == LEARNED
                         and e.type == LEARNED and e.ifindex != e.master and old[0] != e.master):
                     moves[e.ifindex] = moves.get(e.ifindex, 0) + 1
-                    (moved := moved or []).append((key, old[0], e.ifindex))
+                    if moved is not None:
+                        moved.append((key, old[0], e.ifindex))
             else:
                 fdb.pop(key, None)
-    return moved
+    return link_seen
 
 
 def count_moves(old: dict[tuple[int, str, int], tuple[int, int]], new: dict[tuple[int, str, int], tuple[int, int]],
@@ -660,9 +674,14 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
             bridges[l.index] = Bridge(l.index, l.name, l.mac, l.flags, l.carrier_changes, bool(l.stp_enabled), st,
                                       fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None,
                                       info=now.br or BridgeInfo())
+    macvtaps: list[Port] = []
     for l in links.values():
         br = bridges.get(l.master) if l.master else None
         if br is None:
+            if l.kind == "macvtap" and (st := stats.get(l.index) if stats is not None else empty) is not None:
+                lower = links.get(l.link)
+                macvtaps.append(Port(l.index, l.name, l.kind, l.mac, l.flags, l.carrier_changes, 0, st,
+                                     lower=lower.name if lower is not None else ""))
             continue
         st = stats.get(l.index) if stats is not None else empty
         if st is None:
@@ -675,7 +694,8 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
     out = sorted(bridges.values(), key=lambda b: b.name)
     for b in out:
         b.ports.sort(key=lambda p: p.name)
-    return BridgeSnapshot(netns, out)
+    pairs = {l.name: links[l.link].name for l in links.values() if l.link and l.link in links and l.link != l.index}
+    return BridgeSnapshot(netns, out, sorted(macvtaps, key=lambda p: p.name), pairs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -753,6 +773,7 @@ class NetlinkSource:
         self._qdisc_cache: dict[int, tuple[bytes, Qdisc]] = {}
         self._move_logged: dict[tuple[int, str, int], float] = {}
         self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
+        self.link_generation = 0  # bumped by every batch of link events and every resync: see links_changed()
         self.dumps_interrupted = 0  # dumps that came back with NLM_F_DUMP_INTR (each retry counts)
         self.errors = 0  # requests that failed: kernel error, still interrupted, malformed, timeout, socket error
 
@@ -790,6 +811,13 @@ class NetlinkSource:
                 if typ == LEARNED and link is not None and link.kind != "bridge":
                     out.setdefault(link.name, set()).add(mac)
             return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def links_changed(self, since: int) -> int:
+        """Read queued events; the current link generation (compare with the last one seen: if it differs, a device
+        appeared, vanished or changed since). Cheap: no dump unless events overflowed."""
+        with self._lock:
+            self._refresh(False)
+            return self.link_generation
 
     def neighbours(self) -> list[Neighbour]:
         """IPv4 and IPv6 neighbours that have a MAC, sorted; not FAILED/INCOMPLETE ones, and not the NOARP
@@ -882,6 +910,7 @@ class NetlinkSource:
         self._counts = None
         self._synced_at = time.monotonic()
         self.resyncs += 1
+        self.link_generation += 1
 
     def _drain_events(self, apply: bool = True) -> bool:
         """Apply queued events. False if the kernel dropped some (ENOBUFS) or one did not decode: the rest is
@@ -905,7 +934,9 @@ class NetlinkSource:
                 continue
             moved = None
             try:
-                moved = apply_events(chunk, links, fdb, self._moves)
+                moved = []
+                if apply_events(chunk, links, fdb, self._moves, moved):
+                    self.link_generation += 1
             except (Malformed, struct.error, IndexError, ValueError) as exc:
                 self.errors += 1
                 log.warning("event=netlink_event_malformed netns=%s error=%r action=resync", self.netns or '""',

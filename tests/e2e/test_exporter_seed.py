@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from kvmnet.setup.qemu import QMP
 from tests import witness
 from tests.netns.setup_labs import Labs, cli
 from tests.netns.test_exporter_cli import Exporter, samples, value
@@ -16,6 +17,22 @@ STP_STATES = ("disabled", "listening", "learning", "forwarding", "blocking")
 
 def fdb_type(state: str) -> str:
     return {"permanent": "local", "static": "static"}.get(state, "learned")
+
+
+def qmp_path(guest: str, netns: str) -> str:
+    """The QMP socket of a running QEMU guest in a namespace, from /proc (the witness reads /proc itself)."""
+    import os
+    want = os.stat(f"/run/netns/{netns}").st_ino
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+        if "qemu-system" in argv[0] and ino == want and "-qmp" in argv and "-name" in argv \
+                and argv[argv.index("-name") + 1] == guest:
+            return argv[argv.index("-qmp") + 1].split(",")[0].removeprefix("unix:")
+    raise AssertionError(f"no QEMU for {guest} in {netns}")
 
 
 def port_labels(text: str, netns: str, name: str) -> dict[str, dict]:
@@ -95,6 +112,28 @@ def test_seed_lab_no_config(labs):
             text = e.metrics()
         r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+        # Run state from QMP (kvmnet-setup starts QEMU with -qmp unix:...): running; QMP stop -> paused within 5 s
+        # and cont -> running, as QEMU itself says (query-status is the witness).
+        def state(guest: str) -> str | None:
+            return next((s.labels["state"] for s in samples(e.metrics()) if s.name == "kvmnet_guest_state"
+                         and s.labels["guest"] == guest and s.labels["netns"] == host and s.value == 1), None)
+
+        def wait_state(guest: str, want: str, timeout: float = 5.0) -> None:
+            deadline = time.monotonic() + timeout
+            while state(guest) != want:
+                assert time.monotonic() < deadline, f"{guest}: kvmnet_guest_state not {want} (is {state(guest)})"
+                time.sleep(0.2)
+
+        wait_state("vm1", "running", 10)
+        sock = qmp_path("vm1", host)
+        with QMP(sock) as q:
+            q.execute("stop")
+            assert q.execute("query-status")["status"] == "paused"
+        wait_state("vm1", "paused")
+        with QMP(sock) as q:
+            q.execute("cont")
+        wait_state("vm1", "running")
     finally:
         err = e.stop()
         assert "Traceback" not in err, err

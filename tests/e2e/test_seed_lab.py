@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -91,7 +92,11 @@ def test_seed_experiment(labs):
 
 def test_qemu_refusing_to_start_rolls_back(labs):
     path, d = labs.seed()
-    d["guests"][1]["memory"] = "9000G"         # QEMU refuses: "cannot set up guest memory"; vm1 started first must go
+    # QEMU refuses a qcow2 it cannot read ("Unsupported qcow2 version 0"); vm1, started first, must go. (An absurd
+    # memory: size no longer reaches QEMU: the lab file bounds it.)
+    bad = path.parent / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + bytes(508))
+    d["guests"][1]["image"] = str(bad)
     labs.write(d, path)
     p = cli("up", "-c", str(path), timeout=600)
     assert p.returncode == 1, (p.stdout, p.stderr)
@@ -100,4 +105,24 @@ def test_qemu_refusing_to_start_rolls_back(labs):
     assert "start QEMU guest vm2" in lines[-1] and "rolled back" in lines[-1], p.stderr
     assert not {d["namespaces"]["host"], d["namespaces"]["lan"]} & netns_list()
     assert qemu_pids(d["name"]) == []
+    assert not (RUN_DIR / d["name"]).exists()
+
+
+def test_kill_9_after_qemu_started_down_still_stops_it(labs):
+    """`up` killed once QEMU runs but before its pid is recorded: the record already names the pidfile, which is on
+    QEMU's command line, so `down` finds and stops it; the next `up` does not start a second one."""
+    path, d = labs.seed()
+    d["guests"] = d["guests"][:1]
+    labs.write(d, path)
+    env = dict(os.environ, KVMNET_TEST_HOOK="kill-made:guest:vm1")
+    p = subprocess.run([sys.executable, "-m", "kvmnet.setup.cli", "up", "-c", str(path), "--wait", "0"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == -9, p.stderr
+    pids = qemu_pids(d["name"])
+    assert len(pids) == 1, pids
+    again = json.loads(cli("up", "-c", str(path), "--json", "--wait", "0", check=True, timeout=600).stdout)
+    assert "guest_start" not in [a["op"] for a in again["actions"]] and qemu_pids(d["name"]) == pids
+    cli("down", "-c", str(path), check=True, timeout=120)
+    assert qemu_pids(d["name"]) == []
+    assert not {d["namespaces"]["host"], d["namespaces"]["lan"]} & netns_list()
     assert not (RUN_DIR / d["name"]).exists()

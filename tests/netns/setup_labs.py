@@ -26,6 +26,27 @@ def cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess.Com
     return p
 
 
+def start_cli(*args: str, hook: str | None = None) -> subprocess.Popen:
+    """The real CLI in the background; `hook` sets KVMNET_TEST_HOOK (setup/state.py: kill -9 or stop it midway)."""
+    env = dict(os.environ, **({"KVMNET_TEST_HOOK": hook} if hook else {}))
+    return subprocess.Popen([sys.executable, "-m", "kvmnet.setup.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_stopped(p: subprocess.Popen, timeout: float = 60) -> None:
+    """Until the process has stopped itself (SIGSTOP from its test hook); fails if it exits instead."""
+    import time
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if p.poll() is not None:
+            raise AssertionError(f"exited {p.returncode} before the hook: {p.stderr.read()}")
+        with open(f"/proc/{p.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.02)
+    raise AssertionError("the hook never stopped it")
+
+
 def netns_list() -> set[str]:
     return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
 

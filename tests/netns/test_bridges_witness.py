@@ -71,7 +71,7 @@ def expected(netns: str) -> dict[tuple, float]:
     out: dict[tuple, float] = {}
 
     def put(name: str, value, **lbl) -> None:
-        for k in ("bridge", "device"):  # names as the documented label mapping has them (README "Odd names")
+        for k in ("bridge", "device", "guest"):  # names as the documented label mapping has them (README "Odd names")
             if k in lbl:
                 lbl[k] = witness.expected_label(lbl[k].encode("utf-8", "surrogateescape"))
         out[(name, tuple(sorted(lbl.items())))] = float(value)
@@ -85,7 +85,7 @@ def expected(netns: str) -> dict[tuple, float]:
         put("kvmnet_bridge_up", "LOWER_UP" in l["flags"], netns=netns, bridge=br)
         put("kvmnet_bridge_ports", sum(1 for p in links.values() if p.get("master") == br), netns=netns, bridge=br)
         stp = "true" if l["linkinfo"]["info_data"]["stp_state"] else "false"
-        put("kvmnet_bridge_info", 1, netns=netns, bridge=br, mac=l["address"], stp=stp)
+        put("kvmnet_bridge_info", 1, netns=netns, bridge=br, mac=l["address"], stp=stp, guest="")
         for t in ("local", "static", "learned"):
             n = sum(1 for e in fdb if e.get("master") == br and _fdb_type(e.get("state", "")) == t)
             put("kvmnet_bridge_fdb_entries", n, netns=netns, bridge=br, type=t)
@@ -116,7 +116,9 @@ def expected(netns: str) -> dict[tuple, float]:
             put("kvmnet_port_stp_state", s == state, state=s, **lbl)
         info = l["linkinfo"]
         kind = info["info_data"]["type"] if info.get("info_kind") == "tun" else info.get("info_kind", "physical")
-        put("kvmnet_port_info", 1, kind=kind, mac=l["address"], guest="", **lbl)
+        # A tap nothing names is its own guest (issue 9: never ""); uplinks and veths name none.
+        put("kvmnet_port_info", 1, kind=kind, mac=l["address"], guest=name if kind in ("tap", "tun") else "",
+            lower="", **lbl)
         for t in ("local", "static", "learned"):
             n = sum(1 for e in fdb if e.get("master") == br and e["ifname"] == name
                     and _fdb_type(e.get("state", "")) == t)
@@ -239,7 +241,8 @@ def test_every_number_matches_iproute2(netns_factory):
     assert value(got, "kvmnet_port_fdb_entries", device="vm1", type="static", **p) == 3
     assert value(got, "kvmnet_port_fdb_entries", device="ve1", type="learned", **p) >= 1
     assert value(got, "kvmnet_port_transmit_packets_total", device="ve1", **p) >= 30
-    assert value(got, "kvmnet_port_info", device=witness.expected_label(ODD.encode()), kind="tap", guest="",
+    assert value(got, "kvmnet_port_info", device=witness.expected_label(ODD.encode()), kind="tap",
+                 guest=witness.expected_label(ODD.encode()), lower="",
                  mac=witness.links(host)[ODD]["address"], **p) == 1
 
     # Close the tap like a dying QEMU: carrier goes, carrier_changes counts it; still equal to iproute2.
@@ -345,6 +348,6 @@ def test_changes_arrive_as_events(netns_factory):
     got = assert_matches_witness(host, collectors)
     assert source.resyncs == before
     assert value(got, "kvmnet_bridge_info", netns=host, bridge="br1", mac=witness.links(host)["br1"]["address"],
-                 stp="true") == 1
+                 stp="true", guest="") == 1
     assert value(got, "kvmnet_port_fdb_entries", netns=host, bridge="br0", device="tc", type="static") == 1
     assert value(got, "kvmnet_bridge_ports", netns=host, bridge="br1") == 1

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 
 import pytest
 
 from tests import witness
-from tests.netns.setup_labs import RUN_DIR, Labs, addrs, cli, netns_list, ping
+from tests.netns.setup_labs import RUN_DIR, Labs, addrs, cli, netns_list, ping, start_cli, wait_stopped
 
 pytestmark = pytest.mark.netns
 
@@ -132,23 +134,27 @@ def test_down_follows_the_record_not_the_edited_file(labs):
     assert not (RUN_DIR / d["name"]).exists()
 
 
-def test_failure_part_way_rolls_back_this_run_only(labs, netns_factory):
-    # The LAN namespace exists already (not ours) and holds an eth0: creating the uplink's far end fails after the
-    # host namespace, bridge and address were made. Those go; the LAN namespace stays.
-    lan = netns_factory("ksl")
-    subprocess.run(["ip", "-n", lan, "link", "add", "eth0", "type", "bridge"], check=True)
-    lab = light_lab()
-    f, d = labs.make(lab)
-    d["namespaces"]["lan"] = lan
-    labs.write(d, f)
-    p = cli("up", "-c", str(f))
-    assert p.returncode == 1, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "create veth eth1" in lines[0] and "rolled back" in lines[0], p.stderr
-    assert "Traceback" not in p.stderr
-    assert d["namespaces"]["host"] not in netns_list()
-    assert lan in netns_list() and "eth0" in witness.links(lan)
+def test_failure_part_way_rolls_back_this_run_only(labs):
+    # `up` is paused just after recording its intent to make light guest g2's namespace; meanwhile someone else
+    # takes that name. Creating it then fails: what this run made goes, the other's namespace stays, untouched.
+    f, d = labs.make(light_lab())
+    g2 = f"{d['name']}-g2"
+    p = start_cli("up", "-c", str(f), hook=f"stop-at:light:{g2}")
+    try:
+        wait_stopped(p)
+        subprocess.run(["ip", "netns", "add", g2], check=True)
+        foreign = os.stat(f"/run/netns/{g2}").st_ino
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "create light guest g2" in lines[0] and "rolled back" in lines[0], err
+    assert "Traceback" not in err
+    assert d["namespaces"]["host"] not in netns_list() and f"{d['name']}-g1" not in netns_list()
+    assert g2 in netns_list() and os.stat(f"/run/netns/{g2}").st_ino == foreign
     assert not (RUN_DIR / d["name"]).exists()
+    subprocess.run(["ip", "netns", "del", g2], check=True)
 
 
 BAD = [

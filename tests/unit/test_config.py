@@ -99,7 +99,7 @@ def test_file_errors_are_one_line(tmp_path):
         load_config(str(f))
     assert str(e.value).startswith(f"{f}:") and "invalid YAML" in str(e.value) and "\n" not in str(e.value)
     f.write_text("- just\n- a list\n")
-    with pytest.raises(ConfigError, match=r"^\(top level\): must be a mapping"):
+    with pytest.raises(ConfigError, match=r": \(top level\): must be a mapping"):
         load_config(str(f))
 
 

@@ -31,6 +31,7 @@ from kvmnet.exporter.collectors.probe import GuestCollector
 from kvmnet.exporter.config import Config
 from kvmnet.exporter.prober.engine import GuestProber, Prober
 from kvmnet.exporter.prober.targets import Target
+from kvmnet.exporter.sources.identity import GuestDirectory
 from kvmnet.exporter.sources.netlink import DUMP_ATTEMPTS, NetlinkSource
 from kvmnet.exporter.web import SERVICE_KEY, create_app
 
@@ -42,6 +43,7 @@ from .goldenfile import GOLDEN
 SKIP = re.compile(r"^(process_\w+|kvmnet_scrape_collector_duration_seconds|"
                   r"kvmnet_config_last_reload_success_timestamp_seconds|kvmnet_build_info|"
                   r"kvmnet_prober_last_cycle_timestamp_seconds)[{ ]")
+EMPTY_PROC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "empty-proc")  # no such dir: empty
 T0 = 1_767_225_600.0  # the prober's fixed "now" for last-reply timestamps: 2026-01-01T00:00:00Z
 
 # Three guests: vm0 answers with known RTTs, vm1 never answered (down from the start), vm2 answered then lost 3.
@@ -97,7 +99,7 @@ class _Running:
 
 
 def make_app(kernel: FakeKernel):
-    settings = svc.Settings(enabled={**{c: True for c in svc.COLLECTORS}, "identity": False})  # no /proc scan
+    settings = svc.Settings(enabled={c: True for c in svc.COLLECTORS})
     loaded = svc.Loaded(Config(), None, [""], list(GUESTS))
     # /probe runs the real on-demand path on a fake ICMP socket: vm0 answers in 200 us, the rest never.
     icmp = FakeIcmp({"10.0.0.10": 200e-6})
@@ -105,6 +107,9 @@ def make_app(kernel: FakeKernel):
                                  render=GuestCollector)
     service = svc.Service(settings, loaded, prober=prober,
                           source_factory=lambda ns: NetlinkSource(ns, socket_factory=kernel.factory))
+    # The identity collector on an empty /proc and no libvirt: no machine's processes in the output, but its
+    # families (kvmnet_guest_state) are listed.
+    service.identity = prober.directory = GuestDirectory(proc=EMPTY_PROC, libvirt_dir=EMPTY_PROC, background=False)
     return create_app(service, probe_handler=prober.handle_probe)
 
 

@@ -2,7 +2,8 @@
 import os
 from types import SimpleNamespace
 
-from kvmnet.exporter.sources.identity import (GuestDirectory, GuestIdentity, Netdev, parse_cmdline, parse_domain_xml,
+from kvmnet.exporter.sources.identity import (GuestDirectory, GuestIdentity, Netdev, libvirt_state, parse_cmdline,
+                                             parse_domain_xml, qmp_socket, qmp_state, shutoff_reason,
                                              parse_fdinfo, parse_opts, resolve_taps)
 
 # The seed's own command line (DESIGN.md): a tap named on the command line, the MAC on the -device.
@@ -142,7 +143,32 @@ def test_domain_xml():
     assert d.name == "web01" and d.pid == 4242
     assert d.interfaces == [("vnet3", "52:54:00:aa:bb:01"), ("vnet4", "52:54:00:aa:bb:02")]
     plain = parse_domain_xml("<domain><name>x</name><devices><interface><target dev='t'/></interface></devices></domain>")
-    assert plain == ("x", None, [("t", "")])
+    assert plain == ("x", None, [("t", "")], "", "")
+    assert (d.state, d.reason) == ("running", "booted")
+    paused = parse_domain_xml(DOMSTATUS.replace("state='running' reason='booted'", "state='paused' reason='user'"))
+    assert (paused.state, paused.reason) == ("paused", "user")
+
+
+def test_states_and_reasons():
+    assert libvirt_state("paused") == "paused" and libvirt_state("nostate") == "unknown"
+    assert libvirt_state("bogus") == "unknown"
+    assert qmp_state("running") == "running" and qmp_state("suspended") == "pmsuspended"
+    assert qmp_state("guest-panicked") == "crashed" and qmp_state("prelaunch") == "paused"
+    log = ("2026-12-01 11:00:00.000+0000: starting up libvirt version: 9.0.0\n"
+           "2026-12-01 11:01:00.000+0000: shutting down, reason=crashed\n"
+           "2026-12-01 11:02:00.000+0000: starting up\n"
+           "2026-12-01 11:03:00.000+0000: shutting down, reason=destroyed\n")
+    assert shutoff_reason(log) == "destroyed"
+    assert shutoff_reason("") == ""
+    assert qmp_socket(["qemu-system-x86_64", "-qmp", "unix:/run/kvmnet/l/guests/vm1.qmp,server=on,wait=off"]) == \
+        "/run/kvmnet/l/guests/vm1.qmp"
+    assert qmp_socket(["qemu-system-x86_64", "-qmp", "tcp:127.0.0.1:4444"]) == ""
+    pve = ["/usr/bin/kvm", "-id", "100", "-name", "web01,debug-threads=on", "-chardev",
+           "socket,id=qmp,path=/var/run/qemu-server/100.qmp,server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+    assert qmp_socket(pve) == "/var/run/qemu-server/100.qmp"
+    lv = ["qemu-system-x86_64", "-name", "guest=web,debug-threads=on", "-chardev",
+          "socket,id=charmonitor,fd=30,server=on,wait=off", "-mon", "chardev=charmonitor,id=monitor,mode=control"]
+    assert qmp_socket(lv) == ""
     assert parse_domain_xml("<not-xml") is None
     assert parse_domain_xml("<other/>") is None
 
@@ -181,3 +207,17 @@ def test_directory_merges_sources_in_own_namespace(tmp_path):
         "vnet4": GuestIdentity("web01", "52:54:00:aa:bb:02", "libvirt"),
     }
     assert d.lookup("ke-no-such-namespace") == {}
+
+
+def test_never_empty_never_shared(tmp_path):
+    """The seed's QEMU without -name is called after its tap; two QEMUs with one -name are told apart by theirs."""
+    nameless = [a for a in SEED if a not in ("-name", "vm1")]
+    _fake_proc(tmp_path, 200, nameless)
+    _fake_proc(tmp_path, 201, ["qemu-system-x86_64", "-name", "twin", "-netdev", "tap,id=n0,ifname=tw1",
+                               "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01"])
+    _fake_proc(tmp_path, 202, ["qemu-system-x86_64", "-name", "twin", "-netdev", "tap,id=n0,ifname=tw2",
+                               "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02"])
+    (tmp_path / "proc" / "self").symlink_to("200")
+    d = GuestDirectory(proc=str(tmp_path / "proc"), libvirt_dir=str(tmp_path / "none"))
+    got = {dev: i.name for dev, i in d.lookup("").items()}
+    assert got == {"vm1eth0": "vm1eth0", "tw1": "tw1", "tw2": "tw2"}

@@ -118,7 +118,8 @@ def test_fdb_move_events_count_onto_the_new_port(by_name):
     links = nl.links_from_dump(chunks("links"))
     table = nl.fdb_from_dump(chunks("fdb"))
     moves = {}
-    moved = nl.apply_events((DATA / "events.bin").read_bytes(), links, table, moves)
+    moved = []
+    nl.apply_events((DATA / "events.bin").read_bytes(), links, table, moves, moved)
     vm9 = next(l.index for l in links.values() if l.name == "vm9")
     assert moves == {vm9: 1}
     vm8 = next(l.index for l in links.values() if l.name == "vm8")

@@ -43,6 +43,9 @@ def done() -> Observed:
             "p-lan": {"eth0": Link("eth0", "veth", None, True, ["192.168.98.3/24"])},
         },
         light_ok={"g1"}, qemu_alive={"vm1"},
+        # all of it made by this lab, as its record's identities say
+        ours_ns={"p-host", "p-lan", "p-host-g1"},
+        ours_links={"p-host": {"br0", "eth1", "t0", "vm1eth0", "g1h"}, "p-lan": {"eth0"}},
     )
 
 
@@ -140,3 +143,45 @@ def test_nat_when_table_missing():
     nat = [a for a in acts if a.op == "nat_add"]
     assert nat and nat[0].args == {"bridge": "br0", "out": "wan0", "network": "10.0.0.0/24"}
     assert ("addr_flush", "wan0") not in ops(acts)  # routed, not bridged: its address stays
+
+
+# --- names taken by what this lab did not make: refused, nothing done -------------------------------------------
+
+@pytest.mark.parametrize("change, field", [
+    (lambda o: o.ours_ns.discard("p-host"), "namespaces.host: namespace 'p-host' exists and was not made by lab p"),
+    (lambda o: o.ours_ns.discard("p-lan"), "namespaces.lan: namespace 'p-lan'"),
+    (lambda o: (o.ours_ns.discard("p-host-g1"), o.light_ok.clear()), "guests[1].netns: namespace 'p-host-g1'"),
+    (lambda o: o.ours_links["p-host"].discard("br0"), "bridges[0].name: device 'br0' exists in namespace p-host"),
+    (lambda o: o.ours_links["p-host"].discard("t0"), "taps[0].name: device 't0'"),
+    (lambda o: o.ours_links["p-host"].discard("vm1eth0"), "guests[0].tap: device 'vm1eth0'"),
+    (lambda o: (o.ours_links["p-host"].discard("g1h"), o.light_ok.clear()), "guests[1].tap: device 'g1h'"),
+    (lambda o: o.ours_links["p-host"].discard("eth1"), "uplink.name: device 'eth1'"),
+])
+def test_a_name_taken_by_something_not_ours_is_refused(change, field):
+    obs = done()
+    change(obs)
+    with pytest.raises(Refused) as e:
+        plan(lab(), obs)
+    assert str(e.value).startswith(field) and "never adopts" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_half_made_namespace_file_not_ours_is_named_as_such():
+    obs = Observed(namespaces={"p-host"}, not_namespaces={"p-host"})
+    with pytest.raises(Refused, match=r"namespaces.host: .*a plain file, not a namespace"):
+        plan(lab(), obs)
+
+
+def test_light_guest_namespace_taken_before_up():
+    obs = Observed(namespaces={"p-host-g1"})
+    with pytest.raises(Refused, match=r"guests\[1\]\.netns: namespace 'p-host-g1' exists"):
+        plan(lab(), obs)
+
+
+def test_nat_table_not_ours_is_refused():
+    l = parse_lab(dict(name="n", namespaces={"host": "n-h", "lan": "n-w"},
+                       bridges=[{"name": "br0", "address": "10.0.0.1/24"}],
+                       uplink={"name": "wan0", "address": "203.0.113.1/24", "lan": {"addresses": ["203.0.113.2/24"]}},
+                       nat={"bridge": "br0", "out": "wan0"}))
+    with pytest.raises(Refused, match="nat: nft table inet kvmnet exists in namespace n-h"):
+        plan(l, Observed(nat={"n-h"}))
+    assert not [a for a in plan(l, Observed(nat={"n-h"}, ours_nat={"n-h"})) if a.op == "nat_add"]

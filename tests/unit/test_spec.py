@@ -132,7 +132,7 @@ def test_invalid_yaml_and_unreadable(tmp_path):
     with pytest.raises(LabError, match="cannot read"):
         load_lab(tmp_path / "absent.yaml")
     f.write_text("- just\n- a list\n")
-    with pytest.raises(LabError, match=r"^\(top level\): the lab file must be a mapping"):
+    with pytest.raises(LabError, match=r": \(top level\): the lab file must be a mapping"):
         load_lab(f)
 
 

@@ -157,7 +157,7 @@ async def test_reload_good_then_bad_keeps_old(aiohttp_client, tmp_path):
     (tmp_path / "kvmnet.yml").write_text("netns: [ke-absent]\nprobe: {interval: soon}\n")
     r = await client.post("/-/reload")
     assert r.status == 500
-    assert (await r.text()).strip() == "probe.interval: not a duration (use 1s, 500ms, 2m): 'soon'"
+    assert (await r.text()).strip() == f"{tmp_path / 'kvmnet.yml'}: probe.interval: not a duration (use 1s, 500ms, 2m): 'soon'"
     fams = families(await (await client.get("/metrics")).text())
     assert sample(fams, "kvmnet_config_last_reload_successful") == 0
     assert sample(fams, "kvmnet_config_last_reload_success_timestamp_seconds") == t1
