@@ -24,7 +24,10 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-COPY pyproject.toml README.md /src/
+# The commit for kvmnet_build_info{revision} (RUN sees ARGs as environment variables):
+#   docker build --build-arg KVMNET_REVISION=$(git rev-parse HEAD) .
+ARG KVMNET_REVISION=unknown
+COPY pyproject.toml README.md LICENSE /src/
 COPY exporter /src/exporter
 COPY setup /src/setup
 COPY common /src/common

@@ -21,15 +21,16 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from . import yamlfile
 
-IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class LabError(ValueError):
@@ -65,7 +66,7 @@ def _mac(v: Any) -> str:
     return s
 
 
-def _unicast(addr, v: Any) -> None:
+def _unicast(addr: Any, v: Any) -> None:
     if "%" in str(v):  # an IPv6 scope (fe80::1%eth0): netlink takes none, and the name is not the lab's to give
         raise ValueError(f"an address with a scope (%...) is not for a lab file: {v!r}")
     if addr.is_unspecified or addr.is_multicast:
@@ -120,7 +121,7 @@ def _memory(v: Any) -> str:
 UID_MAX = 2**32 - 2  # uid_t/gid_t; (uid_t)-1 means "none" to the kernel
 
 
-def _account(kind: str):
+def _account(kind: str) -> Callable[[Any], Any]:
     """owner/group: a name or a number that exists on this host (a typo would make a tap nobody can open)."""
     import grp
     import pwd
@@ -134,7 +135,10 @@ def _account(kind: str):
         if isinstance(v, int) and not 0 <= v <= UID_MAX:
             raise ValueError(f"{kind} id must be 0 to {UID_MAX}: {v!r}")
         try:
-            (by_id if isinstance(v, int) else by_name)(v)
+            if isinstance(v, int):
+                by_id(v)
+            else:
+                by_name(v)
         except (KeyError, ValueError, OverflowError):
             raise ValueError(f"no such {kind}: {v!r}") from None
         return v
@@ -153,9 +157,9 @@ Interface = Annotated[Any, BeforeValidator(_iface)]
 Address = Annotated[Any, BeforeValidator(_addr)]
 NsName = Annotated[str, BeforeValidator(_nsname)]
 Memory = Annotated[str, BeforeValidator(_memory)]
-Owner = Annotated[Union[str, int, None], BeforeValidator(_account("user"))]
-Group = Annotated[Union[str, int, None], BeforeValidator(_account("group"))]
-Image = Annotated[Union[str, None], BeforeValidator(_image)]
+Owner = Annotated[str | int | None, BeforeValidator(_account("user"))]
+Group = Annotated[str | int | None, BeforeValidator(_account("group"))]
+Image = Annotated[str | None, BeforeValidator(_image)]
 
 # Bounds on counts: a bridge takes at most 1023 ports (the kernel's BR_MAX_PORTS, port 0 reserved); the others keep
 # a lab file something `up` finishes in minutes.
@@ -449,11 +453,11 @@ def _check(lab: Lab) -> None:
             raise _fail(f"{at}.{'image' if g.image else 'accel'}", "only for kind: qemu")
 
     per_bridge: dict[str, int] = {}
-    for p, b in port_owner.items():
-        per_bridge[b] = per_bridge.get(b, 0) + 1
-        if per_bridge[b] > MAX_PORTS:
-            raise _fail(f"bridges[{list(bridges).index(b)}]",
-                        f"more than {MAX_PORTS} ports on {b!r} (the kernel's limit per bridge)")
+    for br_name in port_owner.values():
+        per_bridge[br_name] = per_bridge.get(br_name, 0) + 1
+        if per_bridge[br_name] > MAX_PORTS:
+            raise _fail(f"bridges[{list(bridges).index(br_name)}]",
+                        f"more than {MAX_PORTS} ports on {br_name!r} (the kernel's limit per bridge)")
     import os
     run_dir = Path(os.environ.get("KVMNET_RUN_DIR", "/run/kvmnet"))  # kvmnet.setup.state.RUN_DIR (setup imports us)
     for i, g in enumerate(lab.guests):

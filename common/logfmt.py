@@ -13,7 +13,7 @@ _PAIR = re.compile(r"""\s*([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*
 _ESC = re.compile(r'[\\"\x00-\x1f\x7f\ud800-\udfff]')
 
 
-def _esc(m: re.Match) -> str:
+def _esc(m: re.Match[str]) -> str:
     c = m.group()
     if c in '\\"':
         return "\\" + c
@@ -42,8 +42,8 @@ def sanitize(line: str) -> str:
     return _CTRL.sub(_esc, line) if _CTRL.search(line) else line
 
 
-def _unesc(m: re.Match) -> str:
-    c = m.group(1)
+def _unesc(m: re.Match[str]) -> str:
+    c: str = m.group(1)
     if c == "n":
         return "\n"
     if c[0] in "xu" and len(c) > 1:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000  # <linux/sched.h>

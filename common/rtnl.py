@@ -16,7 +16,8 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from kvmnet.common.netns import entered
 
@@ -119,7 +120,8 @@ def pack_message(msg_type: int, flags: int, seq: int, body: bytes) -> bytes:
 
 def error_code(data: bytes, off: int) -> int:
     """The errno of an NLMSG_ERROR message at off (0 = an ACK)."""
-    return -struct.unpack_from("=i", data, off + 16)[0]
+    code: int = struct.unpack_from("=i", data, off + 16)[0]
+    return -code
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class Rtnl:
                         raise NetlinkError(code, os.strerror(code))
                     return
 
-    def _dump(self, msg_type: int, body: bytes):
+    def _dump(self, msg_type: int, body: bytes) -> Iterator[tuple[int, bytes]]:
         """Yield (type, payload) of every message in a dump."""
         self.seq += 1
         self.sock.send(pack_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, self.seq, body))
@@ -195,7 +197,7 @@ class Rtnl:
             out[name] = (index, flags)
         return out
 
-    def link_details(self) -> list[dict]:
+    def link_details(self) -> list[dict[str, Any]]:
         """Per link: index, name, flags, master (index or 0), kind, and for a bridge its STP options."""
         out = []
         for _, p in self._dump(RTM_GETLINK, _ifinfo()):
@@ -206,7 +208,9 @@ class Rtnl:
             bridge = None
             if kind == "bridge":
                 d = self._attrs(info.get(IFLA_INFO_DATA, b""), 0)
-                u32 = lambda k: struct.unpack("I", d[k])[0] if k in d else None  # noqa: E731
+
+                def u32(k: int, d: dict[int, bytes] = d) -> int | None:
+                    return struct.unpack("I", d[k])[0] if k in d else None
                 bridge = {"forward_delay": u32(1), "hello_time": u32(2), "max_age": u32(3), "stp_state": u32(5),
                           "priority": struct.unpack("H", d[6])[0] if 6 in d else None,  # IFLA_BR_* of if_link.h
                           "fdb_max_learned": u32(IFLA_BR_FDB_MAX_LEARNED)}  # None before kernel 6.8

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 MAX_BYTES = 1 << 20          # 1 MiB: a lab of thousands of guests is ~100 KiB
 MAX_DEPTH = 64               # no schema here nests deeper than ~6
@@ -39,11 +40,12 @@ _CONTROL = re.compile("[^\x09\x0a\x0d\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U0001
 _SHOW_INPUT = {"literal_error", "bool_parsing", "int_parsing", "float_parsing", "greater_than", "greater_than_equal",
                "less_than", "less_than_equal", "int_from_float", "enum"}
 
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 4x faster; the same errors and results
+# libyaml: 4x faster; the same errors and results
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _Refused(yaml.YAMLError):
-    def __init__(self, problem: str, mark=None):
+    def __init__(self, problem: str, mark: Any = None) -> None:
         super().__init__(problem)
         self.problem, self.problem_mark = problem, mark
 
@@ -95,10 +97,10 @@ def _prescan(text: str) -> None:
     loader = _Loader(text)
     try:
         sizes: dict[str, int] = {}      # anchor -> nodes in its (expanded) subtree
-        stack: list[list] = []           # open collections: [anchor, nodes so far]
+        stack: list[list[Any]] = []           # open collections: [anchor, nodes so far]
         expanded = total = 0
         while loader.check_event():
-            ev = loader.get_event()
+            ev = loader.get_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
             if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
                 if len(stack) >= MAX_DEPTH:
                     raise _Refused(f"nested deeper than {MAX_DEPTH} levels", ev.start_mark)
@@ -131,12 +133,12 @@ def _prescan(text: str) -> None:
         loader.dispose()
 
 
-class _UniqueKeys(_Loader):
+class _UniqueKeys(_Loader):  # type: ignore[valid-type,misc]  # C or Python loader, chosen at import
     """Duplicate mapping keys are an error (merge keys `<<:` may still be overridden, as YAML intends)."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
+            seen: dict[Any, Any] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
@@ -182,7 +184,7 @@ def read_yaml(path: Any, error: type[Exception]) -> Any:
     return parse_yaml(read_text(path, error), path, error)
 
 
-def field_path(loc: tuple) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
     """pydantic's error location as the path a person would write: `probe.targets[3].address`."""
     out = ""
     for part in loc:
@@ -196,8 +198,8 @@ def field_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _message(err: dict) -> str:
-    kind, msg, inp = err["type"], err["msg"], err.get("input")
+def _message(err: ErrorDetails) -> str:
+    kind, msg, inp = err["type"], str(err["msg"]), err.get("input")
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":

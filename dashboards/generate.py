@@ -523,7 +523,7 @@ def guest() -> dict:
     L = Layout()
     # The guest's port: kvmnet_port_info carries the guest's name (QEMU, libvirt or lab file), in the bridge's
     # namespace; a port counter joined with it keeps only this guest's tap.
-    PORT = f'* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info{{{GUEST1},kind=~"tap|tun|macvtap"}}'
+    PORT = f'* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info{{{GUEST1},kind=~"tap|tun|macvtap"}}'  # noqa: E501
 
     def gview(direction: str, unit: str) -> str:
         """The guest's `direction` (receive/transmit) of its NICs, from the host's counters: a tap's transmit is

@@ -2,8 +2,9 @@
 # The container's build steps, as one script that the Dockerfile runs and tests/e2e/test_wheel_venv.py runs too
 # (no Docker engine runs where the tests run, so this is how the Dockerfile stays tested).
 #
-#   build-wheel-venv.sh build SRC VENV    build kvmnet's wheel from SRC (a copy, so SRC stays clean) and install it
-#                                         with its dependencies into a new, empty venv at VENV
+#   build-wheel-venv.sh build SRC VENV    build kvmnet's wheel from SRC (a copy, so SRC stays clean; the git commit
+#                                         baked in as exporter/_revision.py) and install it with its dependencies
+#                                         into a new, empty venv at VENV
 #   build-wheel-venv.sh caps VENV         give VENV's interpreter file capabilities, permitted only (+p), so a
 #                                         non-root user can use NET_RAW, SYS_ADMIN, SYS_PTRACE, DAC_READ_SEARCH when
 #                                         the container is granted them; the exporter raises them itself at start
@@ -21,7 +22,11 @@ build)
   trap 'rm -rf "$work"' EXIT
   mkdir -p "$work/src"
   # Only what the wheel is made of: no .venv, no build/ left in the source tree others work in.
-  (cd "$src" && tar cf - pyproject.toml README.md exporter setup common) | (cd "$work/src" && tar xf -)
+  (cd "$src" && tar cf - pyproject.toml README.md LICENSE exporter setup common) | (cd "$work/src" && tar xf -)
+  # kvmnet_build_info{revision}: bake the commit into the copy (exporter/revision.py). KVMNET_REVISION wins (the
+  # Dockerfile's build context has no .git), then git in SRC, else "unknown".
+  rev=${KVMNET_REVISION:-$(git -C "$src" rev-parse HEAD 2>/dev/null || echo unknown)}
+  printf 'REVISION = "%s"\n' "$rev" > "$work/src/exporter/_revision.py"
   "$PYTHON" -m pip wheel -q --no-deps --wheel-dir "$work/wheels" "$work/src"
   "$PYTHON" -m venv --clear "$venv"
   "$venv/bin/pip" install -q --no-cache-dir "$work"/wheels/kvmnet-*.whl

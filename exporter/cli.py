@@ -17,8 +17,8 @@ import sys
 
 from . import DEFAULT_PORT, __version__, logs
 from .collectors.probe import GuestCollector
-from .prober.engine import GuestProber
 from .config import ConfigError, check_netns_name
+from .prober.engine import GuestProber
 from .service import COLLECTORS, Service, Settings, load
 
 log = logging.getLogger("kvmnet.cli")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Callable, Iterable
 from functools import lru_cache
-from typing import Callable, Iterable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -33,7 +33,7 @@ log = logging.getLogger("kvmnet.exposition")
 _ODD = re.compile(r"[\\\x00-\x1f\x7f\ud800-\udfff]")
 
 
-def _odd(m: re.Match) -> str:
+def _odd(m: re.Match[str]) -> str:
     c = m.group()
     if c == "\\":
         return "\\\\"

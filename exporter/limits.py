@@ -53,7 +53,7 @@ class _Refuse(asyncio.Protocol):
 class _Conn(asyncio.Protocol):
     """Wraps aiohttp's per-connection RequestHandler: passes everything through, keeps a deadline."""
 
-    def __init__(self, tracker: "_Tracker", inner: asyncio.Protocol) -> None:
+    def __init__(self, tracker: _Tracker, inner: asyncio.Protocol) -> None:
         self.tracker, self.inner = tracker, inner
         self.transport = None
         self.busy = 0
@@ -168,8 +168,10 @@ class _Tracker:
 
 
 async def serve_async(app: web.Application, host: str | None, port: int, ssl_context=None,
-                      limits: Limits | None = None, ready=None) -> None:
-    """Serve until SIGTERM or SIGINT. `ready(tracker)` is called once listening (tests use it)."""
+                      limits: Limits | None = None, ready=None, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, or until `stop` is set when one is given (then no signal handlers are
+    installed: tests stop it so, without signalling their own process). `ready(tracker)` is called once
+    listening."""
     limits = limits or Limits()
     tracker = _Tracker(None, limits)
     app.middlewares.insert(0, tracker.middleware)
@@ -184,7 +186,8 @@ async def serve_async(app: web.Application, host: str | None, port: int, ssl_con
     await runner.setup()
     tracker.server = runner.server
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    own_signals = stop is None  # a caller's stop event: no signal handlers (tests do not signal pytest)
+    stop = stop or asyncio.Event()
     # Plain signal handlers, not loop.add_signal_handler: those only run when the event loop gets to them, so a
     # loop starved by a bug would ignore SIGTERM. This one runs in the main thread whatever the loop does, asks the
     # loop to stop, and if it has not stopped within the shutdown timeout + 5 s (or on a second signal) exits hard.
@@ -203,7 +206,7 @@ async def serve_async(app: web.Application, host: str | None, port: int, ssl_con
         watchdog.append(t)
         loop.call_soon_threadsafe(stop.set)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if own_signals else {}
     try:
         server = await loop.create_server(tracker.factory, host, port, ssl=ssl_context, backlog=512,
                                           reuse_address=True,

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 from kvmnet.common.logfmt import fmt, parse_logfmt, quote, sanitize  # noqa: F401 - re-exported: logs.quote etc.
 
@@ -73,7 +74,7 @@ class _BadRequestFilter(logging.Filter):
         return True
 
 
-def setup(level: str = "info", format: str = "logfmt", stream=None) -> None:
+def setup(level: str = "info", format: str = "logfmt", stream: TextIO | None = None) -> None:
     """Configure the root logger once (stderr by default). aiohttp's access log stays quiet below debug."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if format == "json" else LogfmtFormatter())

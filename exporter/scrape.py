@@ -14,7 +14,8 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from .exposition import MetricFamily, labels
 

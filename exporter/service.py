@@ -6,18 +6,21 @@ first; only if that succeeds does the service switch to it, so a bad reload keep
 
 Collectors for a named namespace are created lazily and recreated when the namespace's identity (its nsfs
 inode) changes: a namespace deleted and created again under the same name is picked up with no restart, and a
-deleted one fails its collectors (`kvmnet_scrape_collector_success 0`) while the rest is served.
+deleted one fails its collectors (`kvmnet_scrape_collector_success 0`) while the rest is served. Identity comes
+from the service's one NamespaceWatcher (sources/nswatch.py), which also closes the netlink source and the
+prober's sockets of a namespace that is gone or replaced, scraped or not.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kvmnet.common import lab as spec
-
 from kvmnet.common import netns as nsmod
 
 from . import logs
@@ -26,9 +29,11 @@ from .collectors import fdb as fdb_collector
 from .collectors import identity as identity_collector
 from .config import Config, ConfigError, load_config, resolve_target_netns
 from .exposition import MetricFamily
+from .prober.socket import IcmpSockets
 from .prober.targets import Target
 from .sources.identity import GuestDirectory
 from .sources.netlink import NetlinkSource
+from .sources.nswatch import NamespaceWatcher
 
 log = logging.getLogger("kvmnet.service")
 
@@ -88,16 +93,18 @@ def load(settings: Settings) -> Loaded:
 class Guarded:
     """A collector bound to one named namespace, (re)created whenever that namespace's identity changes."""
 
-    def __init__(self, name: str, netns: str, make: Callable[[], Any]) -> None:
+    def __init__(self, name: str, netns: str, make: Callable[[], Any],
+                 identity: Callable[[str], int] = nsmod.inode) -> None:
         self.name = name
         self.netns = netns
         self._make = make
+        self._identity = identity  # the service's NamespaceWatcher.identity
         self._inner = None
         self._ino = None
 
     def collect(self) -> Iterable[MetricFamily]:
         try:
-            ino = nsmod.inode(self.netns)
+            ino = self._identity(self.netns)
         except nsmod.NetnsGone:
             # Drop our sockets in it: they would keep a deleted namespace (and its devices) alive.
             self.close()
@@ -137,15 +144,15 @@ Factory = Callable[[str, "Service"], Any]
 
 def default_factories() -> dict[str, Factory]:
     """The per-namespace collectors: links, counters and STP ("bridge"), and FDB sizes ("fdb")."""
-    def bridge(ns: str, svc: "Service"):
+    def bridge(ns: str, svc: Service):
         return bridge_collector.BridgeCollector(ns, identity=svc.identity, include=svc.settings.include,
                                                 exclude=svc.settings.exclude, source=svc.source(ns))
 
-    def fdb(ns: str, svc: "Service"):
+    def fdb(ns: str, svc: Service):
         return fdb_collector.FdbCollector(ns, include=svc.settings.include, exclude=svc.settings.exclude,
                                           source=svc.source(ns))
 
-    def identity(ns: str, svc: "Service"):
+    def identity(ns: str, svc: Service):
         return identity_collector.IdentityCollector(ns, svc.identity) if svc.identity is not None else None
 
     return {"bridge": bridge, "fdb": fdb, "identity": identity}
@@ -156,21 +163,34 @@ class Service:
 
     The one owner of the kernel resources: the netlink source of each watched namespace (made by `source_factory`,
     shared by its bridge and fdb collectors and the prober's discovery, closed when the namespace stops being
-    watched) and the prober, which holds the ICMP sockets (made by its own socket factory)."""
+    watched), the ICMP sockets per namespace (`icmp`, made by `icmp_factory`, lent to the prober, which opens
+    them as its targets need), and the one namespace watcher (`watcher`, run by `start()`), which tells the
+    sources and the prober when a namespace is gone or replaced."""
 
     def __init__(self, settings: Settings, loaded: Loaded, factories: dict[str, Factory] | None = None,
-                 prober: Any = None, source_factory: Callable[[str], Any] = NetlinkSource) -> None:
+                 prober: Any = None, source_factory: Callable[[str], Any] | None = None,
+                 watcher: NamespaceWatcher | None = None, icmp_factory: Callable[..., Any] | None = None) -> None:
         self.settings = settings
         self.factories = default_factories() if factories is None else factories
         self.prober = prober  # an object with async start(loaded), async stop(), reconfigure(loaded); optional
         self.loaded = loaded
-        self.source_factory = source_factory
+        self.watcher = watcher or NamespaceWatcher(names=self._namespaces)
+        self.watcher.subscribe(self._namespace_changed)
+        self._watch_task: asyncio.Task[None] | None = None
+        self.source_factory = source_factory or (lambda ns: NetlinkSource(ns, identity=self.watcher.identity))
         self._sources: dict[str, Any] = {}
         self._sources_lock = threading.Lock()  # collectors are made lazily, in scrape threads
         self.identity = self._make_identity(loaded)
         if prober is not None:
             prober.directory = self.identity  # one /proc scan for port names and discovered guests alike
             prober.source_for = self.source  # discovery reads the same sockets as the collectors
+            if hasattr(prober, "use_watcher"):
+                prober.use_watcher(self.watcher)  # the prober's ICMP sockets follow the same namespaces
+        # ICMP sockets per (namespace, family), lent to the prober; made by `icmp_factory`, else by the factory the
+        # prober was built with (IcmpSocket unless a test injected one)
+        self.icmp = IcmpSockets(icmp_factory)
+        if prober is not None and hasattr(prober, "use_sockets"):
+            prober.use_sockets(self.icmp)
         self._pool: dict[tuple[str, str], Guarded] = {}
         self.collectors: list = []
         self._build()
@@ -182,6 +202,22 @@ class Service:
             if src is None:
                 src = self._sources[netns] = self.source_factory(netns)
             return src
+
+    def _namespaces(self) -> list[str]:
+        """What the watcher looks at: the watched namespaces and those the configured targets are probed from."""
+        return sorted({*self.loaded.watched, *(t.netns for t in self.loaded.targets)} - {""})
+
+    def _namespace_changed(self, netns: str, ino: int | None) -> None:
+        """From the watcher: `netns` is gone (ino None) or replaced. Its netlink source lets go of its sockets
+        now, scraped or not (they would keep a deleted namespace alive); it reopens them when next asked."""
+        logs.event(log, "netns_changed", logging.INFO, netns=netns, now="gone" if ino is None else "replaced")
+        with self._sources_lock:
+            src = self._sources.get(netns)
+        if src is not None:
+            try:
+                src.close()
+            except Exception as exc:  # noqa: BLE001 - a dead namespace's sockets must not break the watcher
+                logs.event(log, "source_close_failed", logging.DEBUG, error=exc)
 
     def _close_sources(self, keep: set[str]) -> None:
         with self._sources_lock:
@@ -204,11 +240,12 @@ class Service:
                     continue
                 key = (name, ns)
                 pool[key] = self._pool.pop(key, None) or (Guarded if ns else Unguarded)(
-                    name, ns, lambda make=make, ns=ns: make(ns, self))
+                    name, ns, lambda make=make, ns=ns: make(ns, self), self.watcher.identity)
         for old in self._pool.values():
             old.close()
         self._pool = pool
         self._close_sources(set(self.loaded.watched))
+        self.watcher.forget(self._namespaces())
         extra = []
         if self.prober is not None and hasattr(self.prober, "collectors"):
             extra = list(self.prober.collectors())
@@ -224,6 +261,8 @@ class Service:
         self._build()
 
     async def start(self) -> None:
+        if self._watch_task is None:
+            self._watch_task = asyncio.create_task(self.watcher.run(), name="kvmnet-nswatch")
         if self.prober is not None and hasattr(self.prober, "start"):
             try:
                 await self.prober.start(self.loaded)
@@ -232,8 +271,16 @@ class Service:
                 log.debug("prober traceback", exc_info=True)
 
     async def stop(self) -> None:
+        task, self._watch_task = self._watch_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         if self.prober is not None and hasattr(self.prober, "stop"):
             await self.prober.stop()
+        self.icmp.close_all()
         for g in self._pool.values():
             g.close()
         self._close_sources(set())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from . import logs
 
@@ -47,6 +47,6 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], backoff_min: 
         delay = min(delay * 2, backoff_max)
 
 
-def start(name: str, run: Callable[[], Awaitable[None]], **kw: float) -> asyncio.Task:
+def start(name: str, run: Callable[[], Awaitable[None]], **kw: float) -> asyncio.Task[None]:
     """Run `run()` supervised in a task named `kvmnet-NAME`."""
     return asyncio.create_task(supervise(name, run, **kw), name=f"kvmnet-{name}")

@@ -12,9 +12,11 @@ import asyncio
 import gzip
 import logging
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
+
 from . import __version__, logs, scrape
 from .collectors.self import SelfMetrics
 from .exposition import CONTENT_TYPE, label_value, render

@@ -317,8 +317,9 @@ class BasicAuth:
     """Basic auth against bcrypt hashes, as exporter-toolkit does it.
 
     Every request needs credentials. Passwords are only ever compared by bcrypt.checkpw, which compares hashes in
-    constant time; the cache is looked up by a SHA-256 digest, never by the password itself. A wrong user costs the same bcrypt work as a wrong password (checked against a
-    dummy hash), so response time does not tell which users exist. Verified credentials are cached for
+    constant time; the cache is looked up by a SHA-256 digest, never by the password itself. A wrong user costs the
+    same bcrypt work as a wrong password (checked against a dummy hash), so response time does not tell which users
+    exist. Verified credentials are cached for
     CACHE_SECONDS under a SHA-256 of user, password and hash: the cache never holds a password, and a changed hash
     (a new web config) misses it. bcrypt runs in a worker thread so the event loop, and the prober on it, keep going
     while a password is checked; at most two checks run at once, so a flood of bad passwords costs two cores, not

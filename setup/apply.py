@@ -18,19 +18,19 @@ import stat
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kvmnet.common import netns as nsmod
+from kvmnet.common.lab import Lab
 from kvmnet.common.netns import NETNS_RUN_DIR, entered, setns
+from kvmnet.common.rtnl import Rtnl
 
 from . import plan as planmod
 from .plan import LIGHT_DEV, NAT_TABLE, Action, Link, Observed
-from kvmnet.common.rtnl import Rtnl
-from kvmnet.common.lab import Lab
 from .state import State, hook_intent
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -153,7 +153,7 @@ def netns_delete(name: str) -> None:
         pass
 
 
-def link_owner(net: "Net", item: dict, dumps: dict | None = None) -> str:
+def link_owner(net: Net, item: dict, dumps: dict | None = None) -> str:
     """Whose the device a link item names is: "ours" (same name, the ifindex we chose, in the namespace we made it
     in), "gone", or "foreign". `dumps` caches one link dump per namespace while nothing changes (hundreds of taps)."""
     ns = item.get("ns", "")
@@ -284,9 +284,9 @@ def observe(lab: Lab, net: Net, run_root: Path | None = None, state: State | Non
                 obs.light_ok.add(g.name)
         elif guest_alive(lab, g.name, run_root):
             obs.qemu_alive.add(g.name)
-    if lab.nat and (host in obs.namespaces or not host):
-        if _run_in(host, ["nft", "list", "table", "inet", NAT_TABLE], check=False).returncode == 0:
-            obs.nat.add(host)
+    if (lab.nat and (host in obs.namespaces or not host)
+            and _run_in(host, ["nft", "list", "table", "inet", NAT_TABLE], check=False).returncode == 0):
+        obs.nat.add(host)
     return obs
 
 
@@ -349,7 +349,8 @@ IFF_TUN_EXCL = 0x8000  # TUNSETIFF fails with EBUSY instead of attaching to an e
 
 def _tap_create(ns: str, name: str, owner, group, multi_queue: bool, vnet_hdr: bool,
                 note: Callable[[dict], None] = lambda d: None) -> None:
-    flags = IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
+    flags = (IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL | (IFF_VNET_HDR if vnet_hdr else 0)
+             | (IFF_MULTI_QUEUE if multi_queue else 0))
     with entered(ns):  # a tap is made in the namespace /dev/net/tun was opened in
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -571,12 +572,12 @@ class Applier:
     def do_nat_add(self, a: Action) -> None:
         x = a.args
         item = self.record({"op": "sysctl", "ns": a.ns, "key": "net/ipv4/ip_forward", "nsino": ns_ident(a.ns)})
-        with entered(a.ns):
-            with open("/proc/sys/net/ipv4/ip_forward", "r+") as f:  # per namespace; opened from inside it
-                if "old" not in item:  # a repeated nat_add keeps the value from before the first
-                    self.note(item, {"old": f.read().strip()})
-                f.seek(0)
-                f.write("1")
+        # per namespace: opened from inside it
+        with entered(a.ns), open("/proc/sys/net/ipv4/ip_forward", "r+") as f:
+            if "old" not in item:  # a repeated nat_add keeps the value from before the first
+                self.note(item, {"old": f.read().strip()})
+            f.seek(0)
+            f.write("1")
         # Masquerade what leaves by the uplink from the bridge's subnet; forward only replies back in, so the WAN
         # cannot open connections to guests even with a route to them.
         script = f"""table inet {NAT_TABLE} {{

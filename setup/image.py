@@ -6,8 +6,8 @@
 The kernel comes from the versioned package that `linux-image-cloud-amd64` depends on: downloaded with
 `apt-get download` and unpacked with `dpkg-deb -x`, never installed. Its virtio modules are not built in, so /init
 loads them in dependency order (busybox insmod does not resolve dependencies), then configures eth0 from the kernel
-command line (`kvmnet.ip=ADDR/LEN` or `kvmnet.ip=dhcp`, `kvmnet.gw=ADDR`, `kvmnet.name=HOST`), answers ping and waits. An ACPI power
-button press (QMP `system_powerdown`) powers it off through busybox acpid.
+command line (`kvmnet.ip=ADDR/LEN` or `kvmnet.ip=dhcp`, `kvmnet.gw=ADDR`, `kvmnet.name=HOST`), answers ping and
+waits. An ACPI power button press (QMP `system_powerdown`) powers it off through busybox acpid.
 
 The cache lives in /var/cache/kvmnet/guest/<kernel-version>-<hash>/ (KVMNET_CACHE_DIR overrides the root); the hash
 covers the init script, the module list and busybox, so changing any of them rebuilds.
@@ -25,9 +25,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
@@ -313,7 +313,7 @@ def main() -> None:
         img = ensure_image(progress=lambda s: print(s, file=sys.stderr))
     except ImageError as e:
         print(f"kvmnet image: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     print(img.kernel)
     print(img.initrd)
 

@@ -54,7 +54,8 @@ class Action:
         a = self.args
         text = {
             "netns_add": f"create namespace {self.name}",
-            "bridge_add": f"create bridge {self.name}{where} (stp {'on' if a.get('stp', {}).get('enabled') else 'off'})",
+            "bridge_add": f"create bridge {self.name}{where} "
+                          f"(stp {'on' if a.get('stp', {}).get('enabled') else 'off'})",
             "bridge_set": f"set bridge {self.name}{where} options {a.get('stp')}"
                           + (f" fdb_max_learned {a['fdb_max_learned']}" if "fdb_max_learned" in a else ""),
             "veth_add": f"create veth {self.name}{where} <-> {a.get('peer')} in {a.get('peer_ns') or 'host'}",

@@ -26,8 +26,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 QEMU = "qemu-system-x86_64"
 NETDEV_ID = "net0"
@@ -160,7 +160,7 @@ class QMP:
         self.file.close()
         self.sock.close()
 
-    def __enter__(self) -> "QMP":
+    def __enter__(self) -> QMP:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -377,6 +377,7 @@ def _probe_kvm(qemu: str = QEMU, timeout: float = 20.0, accel: str = "kvm", cpu:
     accel and cpu are for testing the probe itself (accel="tcg" must pass; cpu="qemu64" fails on PVM hosts).
     """
     import tempfile
+
     from . import image as _image
     if accel == "kvm":
         if not os.path.exists("/dev/kvm"):
@@ -415,7 +416,8 @@ def _probe_kvm(qemu: str = QEMU, timeout: float = 20.0, accel: str = "kvm", cpu:
     if ready:
         return True, f"{accel} booted the tiny guest"
     last = err.decode(errors="replace").strip().splitlines()
-    return False, f"a Linux guest under {accel} -cpu {cpu} did not boot within {timeout:.0f}s" + (f": {last[-1]}" if last else "")
+    why = f"a Linux guest under {accel} -cpu {cpu} did not boot within {timeout:.0f}s"
+    return False, why + (f": {last[-1]}" if last else "")
 
 
 def _cache_file() -> Path:

@@ -104,7 +104,8 @@ class State:
             except ValueError as e:
                 if n == len(lines) - 1:
                     break  # a last line cut short: its write never finished, its step never began
-                raise StateError(f"{self.dir / 'journal.jsonl'}:{n + 1}: unreadable record ({e}); nothing done")
+                raise StateError(f"{self.dir / 'journal.jsonl'}:{n + 1}: unreadable record ({e}); nothing done"
+                                 ) from None
             k = key(item)
             old = self._keys.get(k)
             if old is not None:

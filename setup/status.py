@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from pyroute2 import IPRoute
 
+from kvmnet.common.lab import Lab
 from kvmnet.common.netns import entered
 
 from .apply import guest_dir, netns_exists
-from kvmnet.common.lab import Lab
 
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 
@@ -42,7 +42,8 @@ def collect(lab: Lab) -> dict:
             ports = []
             for p in sorted((p for p in links.values() if p["master"] == idx), key=lambda p: p["name"]):
                 g = by_dev.get(p["name"])
-                ports.append({k: p[k] for k in ("name", "kind", "up", "carrier", "mac")} | {"guest": g.name if g else ""})
+                port = {k: p[k] for k in ("name", "kind", "up", "carrier", "mac")}
+                ports.append(port | {"guest": g.name if g else ""})
             out["bridges"].append({"name": l["name"], "up": l["up"], "carrier": l["carrier"], "stp": bool(l["stp"]),
                                    "addresses": l["addresses"], "ports": ports})
     for g in lab.guests:

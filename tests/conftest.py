@@ -49,6 +49,33 @@ def netns(netns_factory) -> str:
     return netns_factory()
 
 
+@pytest.fixture
+def exporters(tmp_path):
+    """Start real exporters (tests/harness.py: Exporter(*args, **kw)); all stopped afterwards, their logs free of
+    tracebacks."""
+    from tests.harness import Exporter
+
+    made: list[Exporter] = []
+
+    def start(*args: str, **kw) -> Exporter:
+        e = Exporter(*args, log_dir=tmp_path, **kw)
+        made.append(e)
+        return e
+
+    yield start
+    for e in made:
+        text = e.stop()
+        assert "Traceback" not in text, text
+
+
+@pytest.fixture
+def lab(netns_factory):
+    """lab(n): a light-guest lab (tests/harness.py LightLab) with guests g1..gn; its namespaces go afterwards."""
+    from tests.harness import LightLab
+
+    return lambda n: LightLab(netns_factory, n)
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="needs root for network namespaces")

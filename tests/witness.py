@@ -63,9 +63,9 @@ def expected_label(raw: bytes) -> str:
         if ch == "\\":
             out.append("\\\\")
         elif o < 0x20 or o == 0x7f:
-            out.append("\\x%02x" % o)
+            out.append(f"\\x{o:02x}")
         elif 0xdc80 <= o <= 0xdcff:
-            out.append("\\x%02x" % (o - 0xdc00))
+            out.append(f"\\x{o - 0xdc00:02x}")
         else:
             out.append(ch)
     return "".join(out)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..exposition import MetricFamily, labels, with_label
 from ..sources.netlink import STP_STATES, BridgeSnapshot, Counters, NetlinkSource

@@ -12,7 +12,7 @@ every port whatever `--device.include/exclude` say.
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from ..exposition import MetricFamily, labels, with_label
 from ..sources.netlink import FDB_TYPES, BridgeSnapshot, NetlinkSource

@@ -14,7 +14,7 @@ this exporter may open, a light guest) have no kvmnet_guest_state: absence means
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..exposition import MetricFamily, labels
 from ..sources.identity import GUEST_STATES

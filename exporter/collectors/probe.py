@@ -10,12 +10,12 @@ Every target has all its series from the first scrape: a guest that never answer
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ..exposition import MetricFamily, format_value, labels, with_label
 from ..prober.packets import FAMILY_NAME
 from ..prober.state import BUCKETS
-
 
 _BOUNDS = tuple(format_value(float(b)) for b in BUCKETS) + ("+Inf",)
 

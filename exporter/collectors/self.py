@@ -11,13 +11,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .. import __version__
+from ..revision import revision
 
 
 class _BuildInfo:
     def collect(self):
-        g = GaugeMetricFamily("kvmnet_build_info", "kvmnet's version and the Python it runs on; always 1.",
-                              labels=["version", "python"])
-        g.add_metric([__version__, platform.python_version()], 1)
+        g = GaugeMetricFamily("kvmnet_build_info",
+                              "kvmnet's version, the git commit it was built from and the Python it runs on; always 1.",
+                              labels=["version", "revision", "python"])
+        g.add_metric([__version__, revision(), platform.python_version()], 1)
         yield g
 
 

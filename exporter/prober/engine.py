@@ -17,15 +17,17 @@ import math
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from kvmnet.common import netns as nsmod
 from kvmnet.common.logfmt import fmt
 
 from .. import tasks
+from ..sources.nswatch import NamespaceWatcher
 from .packets import FAMILY_NAME, PAYLOAD_SIZE
-from .socket import IcmpSocket, _Pending
+from .socket import IcmpSocket, IcmpSockets, _Pending
 from .state import GuestState
 from .targets import DISCOVER_EVERY, LINK_CHECK_EVERY, Discovery, Target
 
@@ -53,7 +55,6 @@ class Prober:
     def __init__(self, interval: float = 1.0, timeout: float = 1.0, down_after: int = 3, mode: str = "auto",
                  payload_size: int = PAYLOAD_SIZE, tx_timestamps: bool = True,
                  socket_factory: Callable[..., Any] = IcmpSocket) -> None:
-        self.socket_factory = socket_factory  # IcmpSocket's signature; tests inject fakes
         self.interval = float(interval)
         self.timeout = float(timeout)
         self.down_after = int(down_after)
@@ -63,13 +64,19 @@ class Prober:
         self.lock = threading.Lock()  # guards `states` and their counters against the scrape threads
         self.states: dict[tuple[str, str], GuestState] = {}
         self._order: list[GuestState] = []
-        self._sockets: dict[tuple[str, int], IcmpSocket] = {}
+        self._sockets = IcmpSockets(socket_factory)  # the service lends its own (use_sockets)
+        self._own_sockets = True
         self._unavailable: dict[tuple[str, int], str] = {}  # (netns, family) -> why; logged once
         self._retry_at: dict[tuple[str, int], float] = {}  # (netns, family) -> loop time to try opening again
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.sources: dict[str, list[Target]] = {}  # "static", "discovery": merged in that order of precedence
+        # Which namespaces are gone or replaced: the service's watcher when it gives us one (use_watcher), else one
+        # of our own that the loop polls once a cycle for the namespaces we hold sockets in.
+        self.watcher = NamespaceWatcher()
+        self._own_watcher = True
+        self.watcher.subscribe(self.namespace_changed)
         self.last_cycle = 0.0  # wall-clock time of the loop's last cycle; 0 before the first
 
     # -- targets -------------------------------------------------------------------------------------------------
@@ -143,15 +150,14 @@ class Prober:
                 await task
             except asyncio.CancelledError:
                 pass
-        for s in self._sockets.values():
-            s.close()
-        self._sockets.clear()
+        if self._own_sockets:
+            self._sockets.close_all()  # a lent pool is closed by its owner, the service
 
     # -- sockets -------------------------------------------------------------------------------------------------
     def socket_for(self, netns: str, family: int) -> IcmpSocket | None:
         """The open socket for (netns, family), opening it if needed; None when it cannot be had (logged once)."""
         key = (netns, family)
-        s = self._sockets.get(key)
+        s: IcmpSocket | None = self._sockets.get(key)
         if s is not None:
             return s
         loop = self._loop or asyncio.get_running_loop()
@@ -170,6 +176,11 @@ class Prober:
             return None
         self._retry_at.pop(key, None)
         self._sockets[key] = s
+        if netns:
+            try:
+                self.watcher.identity(netns)  # seen now that we hold a socket there: its next change is news
+            except nsmod.NetnsGone:
+                pass  # gone already (or a test's fake namespace): the watcher tells us when it next looks
         if key in self._unavailable:
             del self._unavailable[key]
             _event("probe_socket_opened", netns=netns, family=FAMILY_NAME[family], mode=s.mode, again="true")
@@ -183,24 +194,58 @@ class Prober:
             _event(name, logging.WARNING if name == "netns_gone" else logging.ERROR,
                    netns=key[0], family=FAMILY_NAME[key[1]], error=why)
 
+    @property
+    def socket_factory(self) -> Callable[..., Any]:
+        assert self._sockets.factory is not None
+        return self._sockets.factory
+
+    def use_sockets(self, sockets: IcmpSockets) -> None:
+        """Open and keep ICMP sockets in the service's pool (before start). A pool without a factory of its own
+        takes ours (the one this Prober was made with)."""
+        if sockets.factory is None:
+            sockets.factory = self._sockets.factory
+        self._sockets.close_all()
+        self._sockets, self._own_sockets = sockets, False
+
+    def use_watcher(self, watcher: NamespaceWatcher) -> None:
+        """Follow the service's namespace watcher instead of polling one of our own."""
+        self.watcher.unsubscribe(self.namespace_changed)
+        self.watcher, self._own_watcher = watcher, False
+        watcher.subscribe(self.namespace_changed)
+
     def _check_namespaces(self) -> None:
-        """Close sockets of namespaces deleted (or replaced) under us: an open socket would keep a deleted
+        """Our own watcher only: look at the namespaces we hold sockets in (the service's watcher polls its own)."""
+        if self._own_watcher:
+            self.watcher.check({s.netns for s in self._sockets.values() if s.netns})
+
+    def namespace_changed(self, netns: str, ino: int | None) -> None:
+        """From the watcher, on any thread: `netns` is gone (ino None) or replaced."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # never started: no sockets
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:
+            self._drop_namespace(netns, ino)
+        else:
+            loop.call_soon_threadsafe(self._drop_namespace, netns, ino)
+
+    def _drop_namespace(self, netns: str, ino: int | None) -> None:
+        """Close our sockets in a namespace deleted (or replaced) under us: an open socket would keep a deleted
         namespace alive, guests and all. They are reopened when the name comes back."""
+        why = f"network namespace {netns!r} does not exist" if ino is None else \
+            f"network namespace {netns!r} was replaced"
         for key, s in list(self._sockets.items()):
-            if not s.netns:
+            if s.netns != netns or s.inode == ino:
                 continue
-            try:
-                alive = nsmod.inode(s.netns) == s.inode
-                why = f"network namespace {s.netns!r} was replaced"
-            except nsmod.NetnsGone as exc:
-                alive, why = False, str(exc)
-            if not alive:
-                del self._sockets[key]
-                s.close()
-                for p in list(s.pending.values()):
-                    self._on_result(p, None)
-                s.pending.clear()
-                self._note_unavailable(key, "netns_gone", why)
+            del self._sockets[key]
+            s.close()
+            for p in list(s.pending.values()):
+                self._on_result(p, None)
+            s.pending.clear()
+            self._note_unavailable(key, "netns_gone", why)
 
     def _prune(self, order: list[GuestState]) -> None:
         """Forget sockets and failures of (namespace, family) pairs no target uses any more (after a reload)."""
@@ -287,7 +332,7 @@ class Prober:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     # -- reading -------------------------------------------------------------------------------------------------
@@ -311,7 +356,7 @@ class Prober:
         return sorted((s.netns, FAMILY_NAME[s.family], s.mode) for s in socks)
 
     # -- on demand -----------------------------------------------------------------------------------------------
-    async def probe(self, address: str, netns: str = "", count: int = 3, budget: float = 3.0) -> "ProbeResult":
+    async def probe(self, address: str, netns: str = "", count: int = 3, budget: float = 3.0) -> ProbeResult:
         """Ping `address` `count` times within `budget` seconds on the shared socket (blackbox-style)."""
         addr = ipaddress.ip_address(address)
         # Checked here as well as in /probe: a NaN deadline in the loop's timer heap stalls every timer after it.
@@ -327,7 +372,7 @@ class Prober:
         result = ProbeResult(sent=0, rtts=[], errors=[])
         # Spread the packets over the first half of the budget and wait for replies until its end.
         gap = min(0.2, budget / 2 / max(count, 1))
-        sent: list[tuple[asyncio.Future, IcmpSocket, _Pending]] = []
+        sent: list[tuple[asyncio.Future[float | None], IcmpSocket, _Pending]] = []
         for k in range(count):
             result.sent += 1
             # Asked each time: the background loop may have closed an idle socket or the namespace may be gone.
@@ -345,8 +390,9 @@ class Prober:
         if sent:
             await asyncio.wait([f for f, _, _ in sent], timeout=max(start + budget - loop.time(), 0))
         for fut, s, p in sent:
-            if fut.done() and fut.result() is not None:
-                result.rtts.append(fut.result())
+            rtt = fut.result() if fut.done() else None
+            if rtt is not None:
+                result.rtts.append(rtt)
             else:
                 s.forget(p)
         result.duration = loop.time() - start
@@ -377,9 +423,11 @@ class GuestProber:
     """The prober plus its target sources. The service calls `start(loaded)`, `reconfigure(loaded)` on reload,
     `stop()`, `collectors()`; the web app mounts `handle_probe` on /probe."""
 
-    def __init__(self, prober: Prober | None = None, render: Callable[[Prober], Any] | None = None) -> None:
+    def __init__(self, prober: Prober | None = None,
+                 render: Callable[[Prober, GuestProber], Any] | None = None) -> None:
         self.prober = prober or Prober()
-        self.render = render  # (Prober, GuestProber) -> the collector of its kvmnet_guest_* series (collectors/probe.py)
+        # (Prober, GuestProber) -> the collector of its kvmnet_guest_* series (collectors/probe.py)
+        self.render = render
         self.discovery = Discovery()
         self.discover = True
         self.namespaces: list[str] = []
@@ -387,7 +435,7 @@ class GuestProber:
         self.directory: Any = None  # the service's GuestDirectory (guest names); None: tap names are used
         self.source_for: Callable[[str], Any] | None = None  # the service's netlink source of a namespace
         self._gens: dict[str, int] = {}  # netns -> last link generation seen
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self.target_namespaces: set[str] = set()  # where configured targets are probed from: /probe may too
         self.inflight = 0  # /probe requests being answered
         self.rejected: dict[str, int] = {}  # /probe refusals by reason (http.py)
@@ -455,6 +503,12 @@ class GuestProber:
                     found = await asyncio.to_thread(self.discovery.run_once, list(self.namespaces), self.directory)
                     self.prober.set_targets(found, source="discovery")
             await asyncio.sleep(LINK_CHECK_EVERY)
+
+    def use_watcher(self, watcher: NamespaceWatcher) -> None:
+        self.prober.use_watcher(watcher)
+
+    def use_sockets(self, sockets: IcmpSockets) -> None:
+        self.prober.use_sockets(sockets)
 
     def health(self) -> tuple[bool, str]:
         """For /healthz: the probe loop is running and cycling, and so is discovery."""

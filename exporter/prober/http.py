@@ -53,7 +53,7 @@ async def probe_handler(request: Any, prober: Prober | None = None, watched: lis
     GuestProber) holds the in-flight count and the rejection counters."""
     from aiohttp import web
 
-    def reject(reason: str, exc: type, text: str, **kw: Any):
+    def reject(reason: str, exc: type, text: str, **kw: Any) -> Any:
         if owner is not None:
             owner.rejected[reason] = owner.rejected.get(reason, 0) + 1
         return exc(text=text + "\n", **kw)

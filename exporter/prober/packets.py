@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Iterable
+from collections.abc import Iterable
 
 # <linux/net_tstamp.h>, <asm-generic/socket.h>
 SO_TIMESTAMPNS = 35
 SO_TIMESTAMPING = 37
 
-ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
-ECHO_REPLY = {socket.AF_INET: 0, socket.AF_INET6: 129}
-PROTO = {socket.AF_INET: socket.IPPROTO_ICMP, socket.AF_INET6: socket.IPPROTO_ICMPV6}
-FAMILY_NAME = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+ECHO_REQUEST: dict[int, int] = {socket.AF_INET: 8, socket.AF_INET6: 128}
+ECHO_REPLY: dict[int, int] = {socket.AF_INET: 0, socket.AF_INET6: 129}
+PROTO: dict[int, int] = {socket.AF_INET: socket.IPPROTO_ICMP, socket.AF_INET6: socket.IPPROTO_ICMPV6}
+FAMILY_NAME: dict[int, str] = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 PAYLOAD_SIZE = 56  # fping's and ping's default: 64-byte ICMP messages
 COOKIE_SIZE = 8
@@ -27,7 +27,7 @@ def checksum(data: bytes) -> int:
     """The Internet checksum (RFC 1071) of `data`."""
     if len(data) % 2:
         data += b"\x00"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
@@ -87,8 +87,8 @@ def timestamp_ns(ancdata: Iterable[tuple[int, int, bytes]]) -> int | None:
         if typ == SO_TIMESTAMPING and len(data) >= 16:
             sec, nsec = struct.unpack_from("@qq", data, 0)  # ts[0] is the software stamp
             if sec or nsec:
-                return sec * 1_000_000_000 + nsec
+                return int(sec) * 1_000_000_000 + int(nsec)
         elif typ == SO_TIMESTAMPNS and len(data) >= 16:
             sec, nsec = struct.unpack_from("@qq", data, 0)
-            return sec * 1_000_000_000 + nsec
+            return int(sec) * 1_000_000_000 + int(nsec)
     return None

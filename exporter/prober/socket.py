@@ -20,12 +20,23 @@ import random
 import socket
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kvmnet.common import netns as nsmod
 
-from .packets import (COOKIE_SIZE, ECHO_REPLY, PAYLOAD_SIZE, PROTO, SO_TIMESTAMPING, SO_TIMESTAMPNS, PacketBuilder,
-                      parse_echo_reply, parse_looped_request, timestamp_ns)
+from .packets import (
+    COOKIE_SIZE,
+    ECHO_REPLY,
+    PAYLOAD_SIZE,
+    PROTO,
+    SO_TIMESTAMPING,
+    SO_TIMESTAMPNS,
+    PacketBuilder,
+    parse_echo_reply,
+    parse_looped_request,
+    timestamp_ns,
+)
 
 SOF_TIMESTAMPING_TX_SOFTWARE = 1 << 1
 SOF_TIMESTAMPING_RX_SOFTWARE = 1 << 3
@@ -67,13 +78,15 @@ def open_icmp_socket(netns: str, family: int, mode: str = "auto") -> tuple[socke
     gid = os.getgid()
     raise ProbeUnavailable(
         f"ICMP probing not allowed in {where} ({'; '.join(errors)}): grant CAP_NET_RAW, "
-        f"or set net.ipv4.ping_group_range to include gid {gid} there (sysctl -w net.ipv4.ping_group_range='{gid} {gid}')")
+        f"or set net.ipv4.ping_group_range to include gid {gid} there "
+        f"(sysctl -w net.ipv4.ping_group_range='{gid} {gid}')")
 
 
 class IcmpSocket:
     """One ICMP socket on the event loop: sends echo requests, matches replies to pending probes."""
 
-    def __init__(self, netns: str, family: int, loop: asyncio.AbstractEventLoop, on_result: Callable,
+    def __init__(self, netns: str, family: int, loop: asyncio.AbstractEventLoop,
+                 on_result: Callable[[_Pending, float | None], None],
                  mode: str = "auto", payload_size: int = PAYLOAD_SIZE, tx_timestamps: bool = True,
                  opener: Callable[[str, int, str], tuple[socket.socket, str]] = open_icmp_socket) -> None:
         """`opener(netns, family, mode) -> (socket, "raw" | "dgram")` makes the kernel socket (open_icmp_socket;
@@ -118,7 +131,8 @@ class IcmpSocket:
     def _filter_echo_replies(self) -> None:
         """Let only echo replies reach this raw socket: fewer wakeups when the namespace is busy with ICMP."""
         if self.family == socket.AF_INET:
-            self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", ~(1 << ECHO_REPLY[socket.AF_INET]) & 0xFFFFFFFF))
+            blocked = ~(1 << ECHO_REPLY[socket.AF_INET]) & 0xFFFFFFFF
+            self.sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", blocked))
         else:
             words = [0xFFFFFFFF] * 8
             t = ECHO_REPLY[socket.AF_INET6]
@@ -161,7 +175,7 @@ class IcmpSocket:
                 continue  # a pending socket error (e.g. host unreachable on a ping socket): read and cleared
             self._on_packet(data, anc, addr)
 
-    def _on_tx_timestamp(self, data: bytes, anc: list) -> None:
+    def _on_tx_timestamp(self, data: bytes, anc: list[tuple[int, int, bytes]]) -> None:
         got = parse_looped_request(data, self.family, self.payload_size)
         if got is None:
             return
@@ -172,7 +186,7 @@ class IcmpSocket:
             if ts:
                 p.tx_ns = ts
 
-    def _on_packet(self, data: bytes, anc: list, addr: tuple) -> None:
+    def _on_packet(self, data: bytes, anc: list[tuple[int, int, bytes]], addr: tuple[Any, ...]) -> None:
         got = parse_echo_reply(data, self.family, self.raw)
         if got is None:
             return
@@ -223,3 +237,18 @@ class IcmpSocket:
         except (ValueError, OSError, RuntimeError):
             pass
         self.sock.close()
+
+
+class IcmpSockets(dict[tuple[str, int], IcmpSocket]):
+    """The open ICMP sockets, one per (namespace, family), and the factory that makes them (IcmpSocket's
+    signature; tests inject fakes). The Service owns one and lends it to its prober (`Prober.use_sockets`), so
+    the service holds every kernel resource; a standalone Prober makes its own."""
+
+    def __init__(self, factory: Callable[..., Any] | None = IcmpSocket) -> None:
+        super().__init__()
+        self.factory = factory  # None: the borrowing prober's own factory (Prober.use_sockets)
+
+    def close_all(self) -> None:
+        for s in self.values():
+            s.close()
+        self.clear()

@@ -13,8 +13,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("kvmnet.guests")
 
@@ -36,7 +37,7 @@ class Target:
     source: str = "config"  # config | lab | discovery
 
     @classmethod
-    def of(cls, obj: Any) -> "Target":
+    def of(cls, obj: Any) -> Target:
         """From any object with name/address/netns (the config file's target entry, a lab Guest)."""
         if isinstance(obj, Target):
             return obj

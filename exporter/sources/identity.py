@@ -37,11 +37,13 @@ import re
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+
+from kvmnet.common import netns as nsmod
 
 from .. import logs
-from kvmnet.common import netns as nsmod
 
 log = logging.getLogger("kvmnet.identity")
 
@@ -153,7 +155,8 @@ def parse_cmdline(argv: list[str]) -> QemuArgs:
             if o.get("type") == "nic":
                 nics.append(o.get("macaddr", ""))
             elif o.get("type") in ("tap", "bridge"):
-                nd = Netdev(id="", type=o["type"], ifname=o.get("ifname", ""), fds=_fds(o.get("fds", "") or o.get("fd", "")))
+                nd = Netdev(id="", type=o["type"], ifname=o.get("ifname", ""),
+                            fds=_fds(o.get("fds", "") or o.get("fd", "")))
                 legacy_taps.append(nd)
                 out.netdevs.append(nd)
         else:
@@ -538,8 +541,9 @@ class GuestDirectory:
             base = f"{self.proc}/{pid}"
             fds: dict[str, int] = {}
             args = parse_cmdline(argv)
-            taps = resolve_taps(args, lambda fd: parse_fdinfo(_read(f"{base}/fdinfo/{fd}") or ""),
-                                lambda: self._tun_fds(base), fds)
+            # the lambdas are called inside resolve_taps, in this turn of the loop
+            taps = resolve_taps(args, lambda fd: parse_fdinfo(_read(f"{base}/fdinfo/{fd}") or ""),  # noqa: B023
+                                lambda: self._tun_fds(base), fds)  # noqa: B023
             devs = []
             for dev, ident in taps.items():
                 # A tap passed in by descriptor may live in another namespace than QEMU (libvirt style, or QEMU

@@ -59,20 +59,65 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from kvmnet.common import netns as _netns
 from kvmnet.common import rtnl
 from kvmnet.common.netns import NetnsGone
 from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-exported for this module's users
-    IFF_LOWER_UP, IFF_UP, IFLA_ADDRESS, IFLA_BR_STP_STATE, IFLA_BRPORT_STATE, IFLA_CARRIER_CHANGES,
-    IFLA_EXT_MASK, IFLA_IFNAME, IFLA_INFO_DATA, IFLA_INFO_KIND, IFLA_INFO_SLAVE_DATA, IFLA_INFO_SLAVE_KIND,
-    IFLA_LINK, IFLA_LINKINFO, IFLA_MASTER, IFLA_PROTINFO, IFLA_STATS_LINK_64, IFLA_TUN_TYPE, NDA_DST, NDA_LLADDR, NDA_MASTER,
-    NDA_VLAN, NETLINK_ADD_MEMBERSHIP, NETLINK_ROUTE, NLA_TYPE_MASK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_MULTI,
-    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NUD_FAILED, NUD_INCOMPLETE, NUD_NOARP, NUD_PERMANENT, RTEXT_FILTER_SKIP_STATS,
-    RTM_DELLINK, RTM_DELNEIGH, RTM_GETLINK, RTM_GETNEIGH, RTM_GETSTATS, RTM_NEWLINK, RTM_NEWNEIGH, RTM_NEWSTATS,
-    RTNLGRP_LINK, RTNLGRP_NEIGH, SOL_NETLINK, attr_spans as _attrs, error_code, iter_messages)
+    IFF_LOWER_UP,
+    IFF_UP,
+    IFLA_ADDRESS,
+    IFLA_BR_STP_STATE,
+    IFLA_BRPORT_STATE,
+    IFLA_CARRIER_CHANGES,
+    IFLA_EXT_MASK,
+    IFLA_IFNAME,
+    IFLA_INFO_DATA,
+    IFLA_INFO_KIND,
+    IFLA_INFO_SLAVE_DATA,
+    IFLA_INFO_SLAVE_KIND,
+    IFLA_LINK,
+    IFLA_LINKINFO,
+    IFLA_MASTER,
+    IFLA_PROTINFO,
+    IFLA_STATS_LINK_64,
+    IFLA_TUN_TYPE,
+    NDA_DST,
+    NDA_LLADDR,
+    NDA_MASTER,
+    NDA_VLAN,
+    NETLINK_ADD_MEMBERSHIP,
+    NETLINK_ROUTE,
+    NLA_TYPE_MASK,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_MULTI,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NUD_FAILED,
+    NUD_INCOMPLETE,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    RTEXT_FILTER_SKIP_STATS,
+    RTM_DELLINK,
+    RTM_DELNEIGH,
+    RTM_GETLINK,
+    RTM_GETNEIGH,
+    RTM_GETSTATS,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWSTATS,
+    RTNLGRP_LINK,
+    RTNLGRP_NEIGH,
+    SOL_NETLINK,
+    error_code,
+    iter_messages,
+)
+from kvmnet.common.rtnl import attr_spans as _attrs
 from kvmnet.common.rtnl import (  # bridge internals: STP root and learning limit, xstats, qdiscs
     BRIDGE_XSTATS_STP, IFLA_BR_BRIDGE_ID, IFLA_BR_FDB_MAX_LEARNED, IFLA_BR_FDB_N_LEARNED, IFLA_BR_ROOT_ID,
     IFLA_BR_ROOT_PATH_COST, IFLA_BR_ROOT_PORT, IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED,
@@ -269,7 +314,8 @@ class Malformed(ValueError):
 def _u32(data: bytes, a: tuple[int, int]) -> int:
     if a[1] - a[0] < 4:
         raise Malformed(f"u32 attribute of {a[1] - a[0]} bytes")
-    return _U32.unpack_from(data, a[0])[0]
+    v: int = _U32.unpack_from(data, a[0])[0]
+    return v
 
 
 def _u8(data: bytes, a: tuple[int, int]) -> int:
@@ -584,7 +630,7 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
     onto it from another port; `moved` collects them as (key, from, to)."""
     link_seen = False
     for typ, _f, _s, off, end in iter_messages(chunk):
-        if typ == RTM_NEWLINK or typ == RTM_DELLINK:
+        if typ in (RTM_NEWLINK, RTM_DELLINK):
             link_seen = True
             _need(off, end, 32, "ifinfomsg")
             if chunk[off + 16] == AF_BRIDGE:
@@ -605,7 +651,7 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
                     moves.pop(l.index, None)  # its series goes with it; an ifindex reused later starts at 0
             else:
                 links[l.index] = l
-        elif fdb is not None and (typ == RTM_NEWNEIGH or typ == RTM_DELNEIGH):
+        elif fdb is not None and typ in (RTM_NEWNEIGH, RTM_DELNEIGH):
             e = parse_fdb(chunk, off, end)
             if e is None:
                 continue
@@ -749,14 +795,19 @@ DUMP_ATTEMPTS = 3  # an interrupted dump (NLM_F_DUMP_INTR) is asked again this m
 
 class NetlinkSource:
     """One watched namespace: a request socket and an event socket, opened inside it and kept across scrapes.
-    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it: service.Service.source).
+    Thread-safe (one lock): collectors of the same namespace share one source (the service owns it:
+    service.Service.source).
 
     `socket_factory(netns, groups)` makes the sockets (open_netlink: groups=() for the request socket, the
     multicast groups for the event socket)."""
 
     def __init__(self, netns: str, resync_interval: float = 300.0, timeout: float = 5.0,
-                 socket_factory: Callable[[str, tuple[int, ...]], socket.socket] = open_netlink) -> None:
+                 socket_factory: Callable[[str, tuple[int, ...]], socket.socket] = open_netlink,
+                 identity: Callable[[str], int] | None = None) -> None:
         self.netns = netns
+        # The namespace's identity, asked before each use: the service passes its NamespaceWatcher's, so a change
+        # is seen once and told to everyone holding sockets there. Standalone: a plain stat.
+        self._identity = identity or (lambda ns: _netns.inode(ns))
         self.resync_interval = resync_interval
         self.timeout = timeout
         self.socket_factory = socket_factory
@@ -802,7 +853,8 @@ class NetlinkSource:
                                   qdiscs=qdiscs, bridges_now=bridges_now, moves=self._moves)
 
     def learned_macs_by_port(self) -> dict[str, list[str]]:
-        """Dynamic (learned) bridge FDB entries: {port device: sorted MACs}. From the event-maintained table, no dump."""
+        """Dynamic (learned) bridge FDB entries: {port device: sorted MACs}. From the event-maintained table,
+        no dump."""
         with self._lock:
             self._refresh(True)
             out: dict[str, set[str]] = {}
@@ -825,7 +877,8 @@ class NetlinkSource:
         with self._lock:
             self._refresh(False)
             chunks = self._dump(RTM_GETNEIGH, _NEIGH_REQ)
-            return self._decode(lambda c: neighbours_from_dump(c, self._links), chunks)
+            out: list[Neighbour] = self._decode(lambda c: neighbours_from_dump(c, self._links), chunks)
+            return out
 
     def close(self) -> None:
         with self._lock:
@@ -869,7 +922,7 @@ class NetlinkSource:
 
     def _check_netns(self) -> None:
         try:
-            ino = _netns.inode(self.netns)
+            ino = self._identity(self.netns)
         except NetnsGone:
             self._close()
             self._ino = 0
@@ -916,6 +969,7 @@ class NetlinkSource:
         """Apply queued events. False if the kernel dropped some (ENOBUFS) or one did not decode: the rest is
         read and dropped too, and the caller resyncs."""
         ev = self._ev
+        assert ev is not None  # _check_netns opened it
         links, fdb = self._links, self._fdb
         ok = True
         while True:

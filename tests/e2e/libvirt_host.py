@@ -68,7 +68,7 @@ class LibvirtHost:
         self.img = image.ensure_image(progress=lambda s: None)
 
     # -- the daemon ----------------------------------------------------------------------------------------------
-    def __enter__(self) -> "LibvirtHost":
+    def __enter__(self) -> LibvirtHost:
         try:
             self.start()
         except BaseException:

@@ -74,7 +74,7 @@ class ProxmoxHost:
         self.img = image.ensure_image(progress=lambda s: None)
         self.vmids: list[int] = []
 
-    def __enter__(self) -> "ProxmoxHost":
+    def __enter__(self) -> ProxmoxHost:
         try:
             self.start()
         except BaseException:

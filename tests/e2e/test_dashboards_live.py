@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -64,8 +63,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import delete_netns, unique_name
-from tests.conftest import free_port
+from tests.conftest import delete_netns, free_port, unique_name
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.netns, pytest.mark.timeout(1500)]
 

@@ -8,8 +8,8 @@ import pytest
 
 from kvmnet.setup.qemu import QMP
 from tests import witness
+from tests.harness import Exporter, samples, value
 from tests.netns.setup_labs import Labs, cli
-from tests.netns.test_exporter_cli import Exporter, samples, value
 
 pytestmark = pytest.mark.qemu
 STP_STATES = ("disabled", "listening", "learning", "forwarding", "blocking")
@@ -50,7 +50,7 @@ def test_seed_lab_no_config(labs):
     path, lab = labs.seed()
     host = lab["namespaces"]["host"]
     cli("up", "-c", str(path), check=True, timeout=600)
-    e = Exporter("--netns", host)
+    e = Exporter("--netns", host, log_dir=labs.tmp)
     try:
         # Guest names come from /proc (the identity scan refreshes every few seconds).
         deadline = time.monotonic() + 60
@@ -140,7 +140,7 @@ def test_seed_lab_no_config(labs):
 
     # With --lab instead: the lab's host namespace is watched and both guests are probe targets from the start
     # (vm2 was never pinged above, so discovery alone would not know its address).
-    e = Exporter("--lab", str(path))
+    e = Exporter("--lab", str(path), log_dir=labs.tmp)
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -238,6 +238,7 @@ def test_qemu_killed_is_crashed_not_shutoff(env):
     """A QEMU that dies under libvirt (SIGKILL) is not a stop on purpose: state crashed, so its loss pages."""
     import os
     import signal
+
     from tests.e2e.libvirt_host import qemu_pid
     h = env.h
     guest = "kvnat"

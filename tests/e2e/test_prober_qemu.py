@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from tests.harness import Exporter, value
 from tests.netns.setup_labs import RUN_DIR, Labs, cli
-from tests.netns.test_exporter_cli import Exporter, value
 
 pytestmark = pytest.mark.qemu
 
@@ -26,7 +26,7 @@ def test_seed_guests_up_then_killed_qemu_down_within_5s(labs):
     path, lab = labs.seed()
     host = lab["namespaces"]["host"]
     cli("up", "-c", str(path), check=True, timeout=600)
-    e = Exporter("--lab", str(path), "--no-collector.bridge", "--no-collector.fdb")
+    e = Exporter("--lab", str(path), "--no-collector.bridge", "--no-collector.fdb", log_dir=labs.tmp)
     try:
         deadline = time.monotonic() + 120  # TCG boot
         while not all(value(text := e.metrics(), "kvmnet_guest_up", netns=host, guest=g) == 1 for g in ("vm1", "vm2")):

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 import yaml
+
 from tests.conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

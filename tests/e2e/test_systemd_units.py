@@ -15,9 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import witness
+from tests.conftest import free_port
 from tests.e2e.wheelvenv import ROOT, build, in_venv
 from tests.netns.setup_labs import Labs
-from tests.conftest import free_port
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 UNITS = ("kvmnet-exporter.service", "kvmnet-lab.service")

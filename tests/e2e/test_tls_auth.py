@@ -3,18 +3,17 @@ Python's ssl via aiohttp) and certificates made by openssl in the test."""
 import base64
 import os
 import socket
+import ssl
 import subprocess
-import sys
 import time
 
 import aiohttp
 import bcrypt
 import pytest
-import ssl
 from prometheus_client.parser import text_string_to_metric_families
-from tests.conftest import free_port
 
-EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
+from tests.harness import EXPORTER, Exporter
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -41,26 +40,10 @@ def pki(tmp_path_factory):
     return d
 
 
-class Exporter:
-    def __init__(self, web_config):
-        self.port = free_port()
-        self.proc = subprocess.Popen([EXPORTER, "--web.listen-address", f"127.0.0.1:{self.port}",
-                                      "--web.config.file", str(web_config), "--no-collector.probe"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 15
-        while True:
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        self.url = f"https://127.0.0.1:{self.port}"
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        _, err = self.proc.communicate(timeout=10)
-        return err
+def tls_exporter(web_config) -> Exporter:
+    """The exporter serving HTTPS: ready once its port accepts (/healthz is behind TLS and auth too)."""
+    return Exporter("--web.config.file", str(web_config), "--no-collector.probe", log_dir=web_config.parent,
+                    ready="tcp", scheme="https")
 
 
 def curl(*args) -> tuple[int, str]:
@@ -85,7 +68,7 @@ http_server_config:
 basic_auth_users:
   prometheus: {h}
 """)
-    e = Exporter(pki / "web.yml")
+    e = tls_exporter(pki / "web.yml")
     yield e
     err = e.stop()
     assert "Traceback" not in err, err
@@ -131,7 +114,7 @@ tls_server_config:
   client_ca_file: ca.crt
   client_allowed_sans: [prometheus.example.net]
 """)
-    e = Exporter(pki / "mtls.yml")
+    e = tls_exporter(pki / "mtls.yml")
     try:
         ca = ["--cacert", str(pki / "server.crt")]
         client = ["--cert", str(pki / "client.crt"), "--key", str(pki / "client.key")]
@@ -157,9 +140,8 @@ def peer_cert(port: int) -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw_sock:
-        with ctx.wrap_socket(raw_sock) as s:
-            return s.getpeercert(binary_form=True)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw_sock, ctx.wrap_socket(raw_sock) as s:
+        return s.getpeercert(binary_form=True)
 
 
 def der(path) -> bytes:
@@ -175,7 +157,7 @@ def test_renewed_certificate_and_changed_password_need_no_restart(tmp_path):
     web_yml = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\nbasic_auth_users:\n  u: '{h}'\n"
     hash_of = lambda pw: bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()  # noqa: E731
     (tmp_path / "web.yml").write_text(web_yml.format(h=hash_of("one")))
-    e = Exporter(tmp_path / "web.yml")
+    e = tls_exporter(tmp_path / "web.yml")
     try:
         assert peer_cert(e.port) == der(tmp_path / "a.crt")
         # Renewed the way certbot/cert-manager do it: new files moved into place.

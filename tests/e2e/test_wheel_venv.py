@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.wheelvenv import IMAGE_VENV, build, dockerfile, in_venv, instruction, script_steps
 from tests.conftest import free_port
+from tests.e2e.wheelvenv import build, dockerfile, in_venv, instruction, script_steps
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root for setcap and setpriv"),
               pytest.mark.timeout(300)]
@@ -91,6 +91,10 @@ def test_wheel_in_clean_venv_serves_as_non_root(venv, tmp_path):
             assert time.monotonic() < deadline, f"guest_up {up}: " + open(log.name).read()
             time.sleep(0.3)
         assert "kvmnet_build_info" in fams and "kvmnet_scrape_collector_success" in fams
+        # the commit was baked into the wheel (deploy/build-wheel-venv.sh), not read from a checkout
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+        assert fams["kvmnet_build_info"].samples[0].labels["revision"] == head
         assert "privileges_missing" not in open(log.name).read()
     finally:
         proc.terminate()

@@ -31,7 +31,7 @@ def script_steps() -> list[list[str]]:
     return [shlex.split(r) for r in instruction(dockerfile(), "RUN") if "build-wheel-venv.sh" in r]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build() -> str:
     """Run the Dockerfile's script steps with /src -> this tree and /opt/kvmnet -> a temp venv; return its path."""
     base = tempfile.mkdtemp(prefix="kvmnet-wheel-", dir="/tmp")

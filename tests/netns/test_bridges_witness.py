@@ -17,11 +17,11 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvmnet.common import netns as kvm_netns
 from kvmnet.exporter import scrape
 from kvmnet.exporter.collectors.bridge import BridgeCollector
 from kvmnet.exporter.collectors.fdb import FdbCollector
 from kvmnet.exporter.exposition import render
-from kvmnet.common import netns as kvm_netns
 from kvmnet.exporter.sources.netlink import NetlinkSource, NetnsGone
 from tests import witness
 

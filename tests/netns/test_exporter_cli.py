@@ -5,102 +5,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests import witness
-from tests.netns.test_identity_proc import start_fake_qemu, stop
-from tests.conftest import free_port
+from tests.harness import EXPORTER, bridge_in, ip, samples, start_fake_qemu, stop, value
 
 pytestmark = pytest.mark.netns
-EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
-
-
-
-
-def ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True)
-
-
-def make_bridge(ns: str, bridge: str = "br0") -> None:
-    ip("-n", ns, "link", "add", bridge, "type", "bridge")
-    ip("-n", ns, "link", "set", bridge, "up")
-
-
-class Exporter:
-    def __init__(self, *args: str, log_format: str = "logfmt") -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen([EXPORTER, "--web.listen-address", f"127.0.0.1:{self.port}",
-                                      "--log.format", log_format, *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exporter exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            try:
-                if self.get("/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "exporter did not come up"
-            time.sleep(0.1)
-
-    def get(self, path: str, headers: dict | None = None, method: str = "GET") -> tuple[int, bytes, dict]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {}, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, r.read(), dict(r.headers)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(), dict(e.headers)
-
-    def metrics(self) -> str:
-        status, body, _ = self.get("/metrics")
-        assert status == 200
-        return body.decode()
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err
-
-
-def samples(text: str) -> list:
-    return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
-
-
-def value(text: str, name: str, **lbl) -> float | None:
-    for s in samples(text):
-        if s.name == name and all(s.labels.get(k) == v for k, v in lbl.items()):
-            return s.value
-    return None
-
-
-@pytest.fixture
-def exporters():
-    started: list[Exporter] = []
-
-    def start(*args: str, **kw) -> Exporter:
-        e = Exporter(*args, **kw)
-        started.append(e)
-        return e
-
-    yield start
-    for e in started:
-        if e.proc.poll() is None:
-            e.stop()
 
 
 def test_scrape_identity_and_namespace_churn(netns_factory, exporters, tmp_path):
     ns, churn = netns_factory("ke"), netns_factory("ke")
-    make_bridge(ns)
+    bridge_in(ns)
     tap = f"t{ns[-6:]}"
     qemu = start_fake_qemu(ns, [tap], ["-name", "guest=vmx,debug-threads=on", "-netdev", "tap,fd=3,id=hostnet0",
                                        "-device", "virtio-net-pci,netdev=hostnet0,mac=52:54:00:12:34:56"], tmp_path)
@@ -108,7 +25,7 @@ def test_scrape_identity_and_namespace_churn(netns_factory, exporters, tmp_path)
         ip("-n", ns, "link", "set", tap, "master", "br0", "up")
         ip("-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb")
         ip("-n", ns, "link", "set", "va", "master", "br0", "up")
-        make_bridge(churn, "brc")
+        bridge_in(churn, "brc")
         # a veth from the churn namespace into ns: when churn is really destroyed, its end in ns goes too
         ip("-n", churn, "link", "add", "vx", "type", "veth", "peer", "name", "vy", "netns", ns)
         # no prober: its discovery loop would also close the sockets; the scrape path must do it alone
@@ -145,7 +62,7 @@ def test_scrape_identity_and_namespace_churn(netns_factory, exporters, tmp_path)
 
         # ... and created again under the same name: picked up with no restart
         ip("netns", "add", churn)
-        make_bridge(churn, "brx")
+        bridge_in(churn, "brx")
         text = e.metrics()
         assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=churn) == 1
         assert value(text, "kvmnet_bridge_ports", netns=churn, bridge="brx") == 0
@@ -259,7 +176,7 @@ def test_sighup_reload_and_json_logs(netns_factory, exporters, tmp_path):
 
     cfg.write_text("netns: {oops: 1}\n")
     status, body, _ = e.get("/-/reload", method="POST")
-    assert status == 500 and body.decode().strip() == "netns: input should be a valid list, got dict"
+    assert status == 500 and body.decode().strip() == f"{cfg}: netns: input should be a valid list, got dict"
     text = e.metrics()
     assert value(text, "kvmnet_config_last_reload_successful") == 0
     assert value(text, "kvmnet_scrape_collector_success", collector="bridge", netns=b) == 1  # old config serves

@@ -1,35 +1,13 @@
 """GuestDirectory against real processes: a QEMU-like process holding real tap descriptors in a namespace."""
-import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from kvmnet.exporter.sources.identity import GuestDirectory, GuestIdentity
+from tests.harness import start_fake_qemu, stop
 
 pytestmark = pytest.mark.netns
-FAKE_QEMU = os.path.join(os.path.dirname(__file__), "fake_qemu.py")
-
-
-def start_fake_qemu(netns: str, taps: list[str], qemu_args: list[str], tmp_path,
-                    tap_netns: str | None = None) -> subprocess.Popen:
-    """The stand-in QEMU inside `netns`, argv[0] = .../qemu-system-x86_64; returns once its taps exist.
-
-    The name is a symlink to the real interpreter (Python finds its library through it; `exec -a` would not)."""
-    exe = tmp_path / "qemu-system-x86_64"
-    if not exe.exists():
-        exe.symlink_to(os.path.realpath(sys.executable))
-    cmd = ["ip", "netns", "exec", netns, str(exe), FAKE_QEMU, ",".join(taps), *qemu_args]
-    env = dict(os.environ, FAKE_QEMU_TAP_NETNS=tap_netns) if tap_netns else None
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    assert p.stdout.readline().strip() == "ready"
-    return p
-
-
-def stop(p: subprocess.Popen) -> None:
-    p.kill()
-    p.wait()
 
 
 def test_libvirt_style_fd_resolved_through_fdinfo(netns_factory, tmp_path):

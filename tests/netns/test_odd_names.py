@@ -7,8 +7,8 @@ import subprocess
 import pytest
 
 from tests import witness
+from tests.harness import samples
 from tests.witness import expected_label
-from tests.netns.test_exporter_cli import Exporter, exporters, samples  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.netns
 

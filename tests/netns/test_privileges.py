@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.netns.test_survival import bridge_in, exporters, ip, values  # noqa: F401 - exporters is a fixture
+from tests.harness import bridge_in, ip, values
 
 pytestmark = pytest.mark.netns
 KEPT = (1 << 2) | (1 << 13) | (1 << 19) | (1 << 21)  # DAC_READ_SEARCH, NET_RAW, SYS_PTRACE, SYS_ADMIN
@@ -20,7 +20,7 @@ def caps(status_path: str) -> dict[str, int]:
     return out
 
 
-def test_root_exporter_keeps_only_what_it_needs(netns, exporters, tmp_path):  # noqa: F811
+def test_root_exporter_keeps_only_what_it_needs(netns, exporters, tmp_path):
     bridge_in(netns)
     ip("-n", netns, "addr", "add", "10.55.0.1/24", "dev", "br0")
     cfg = tmp_path / "c.yml"
@@ -42,7 +42,7 @@ def test_root_exporter_keeps_only_what_it_needs(netns, exporters, tmp_path):  # 
     assert "event=privileges_dropped" in log and "privileges_missing" not in log
 
 
-def test_what_a_run_does_not_use_is_not_kept(exporters):  # noqa: F811
+def test_what_a_run_does_not_use_is_not_kept(exporters):
     """Only its own namespace, no identity: CAP_NET_RAW alone remains; the log says a reload cannot add namespaces."""
     e = exporters("--no-collector.identity")
     assert e.get("/metrics")[0] == 200

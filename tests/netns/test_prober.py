@@ -14,59 +14,15 @@ import time
 
 import pytest
 
-from kvmnet.exporter.prober import engine, targets as guests
+from kvmnet.exporter.prober import engine
+from kvmnet.exporter.prober import targets as guests
 from kvmnet.exporter.prober.engine import Prober
 from kvmnet.exporter.prober.socket import ProbeUnavailable, open_icmp_socket
 from kvmnet.exporter.prober.targets import Target
-from tests.conftest import delete_netns, unique_name
+from tests.conftest import delete_netns
+from tests.harness import ip
 
 pytestmark = pytest.mark.netns
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-class Lab:
-    """A host namespace with bridge br0 (10.200.0.1/16, fd20::1/64) and guests g1..gN at 10.200.1.i / fd20::1:i."""
-
-    def __init__(self, netns_factory, n: int) -> None:
-        self.factory = netns_factory
-        self.host = netns_factory("kph")
-        ip("-n", self.host, "link", "add", "br0", "type", "bridge")
-        ip("-n", self.host, "addr", "add", "10.200.0.1/16", "dev", "br0")
-        ip("-n", self.host, "addr", "add", "fd20::1/64", "dev", "br0", "nodad")
-        ip("-n", self.host, "link", "set", "br0", "up")
-        self.guests: dict[str, str] = {}  # guest name -> its namespace
-        for i in range(1, n + 1):
-            self.add_guest(i)
-
-    def add_guest(self, i: int) -> str:
-        ns = self.factory("kpg")
-        port = f"vg{i}"
-        ip("-n", self.host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        ip("-n", self.host, "link", "set", port, "master", "br0", "up")
-        ip("-n", ns, "addr", "add", f"10.200.1.{i}/16", "dev", "eth0")
-        ip("-n", ns, "addr", "add", f"fd20::1:{i}/64", "dev", "eth0", "nodad")
-        ip("-n", ns, "link", "set", "eth0", "up")
-        self.guests[f"g{i}"] = ns
-        return ns
-
-    def target(self, i: int, v6: bool = False, name: str | None = None) -> Target:
-        addr = f"fd20::1:{i}" if v6 else f"10.200.1.{i}"
-        return Target(name or f"g{i}" + ("v6" if v6 else ""), ipaddress.ip_address(addr), self.host)
-
-    def fping_p50(self, i: int, count: int = 20, period_ms: int = 20) -> float:
-        """fping's median RTT to guest i, in seconds (the reference)."""
-        out = subprocess.run(["ip", "netns", "exec", self.host, "fping", "-C", str(count), "-p", str(period_ms),
-                              "-q", f"10.200.1.{i}"], capture_output=True, text=True).stderr
-        vals = [float(v) for v in out.split(":", 1)[1].split() if v != "-"]
-        return statistics.median(vals) / 1000
-
-
-@pytest.fixture
-def lab(netns_factory):
-    return lambda n: Lab(netns_factory, n)
 
 
 async def run_for(prober: Prober, seconds: float) -> list:

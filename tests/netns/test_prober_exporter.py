@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from tests.netns.test_exporter_cli import exporters, value  # noqa: F401 - the fixture
-from tests.netns.test_prober import Lab
+from tests.harness import LightLab, value
 
 pytestmark = pytest.mark.netns
 
@@ -29,8 +28,8 @@ def wait_for(pred, timeout=10.0):
     raise AssertionError("timed out")
 
 
-def test_exporter_probes_and_reload_keeps_counters(netns_factory, exporters, tmp_path):  # noqa: F811
-    lab = Lab(netns_factory, 3)
+def test_exporter_probes_and_reload_keeps_counters(netns_factory, exporters, tmp_path):
+    lab = LightLab(netns_factory, 3)
     cfg = tmp_path / "kvmnet.yml"
     config(cfg, lab.host, [("g1", "10.200.1.1"), ("g2", "10.200.1.2"), ("ghost", "10.200.7.7")])
     e = exporters("--config.file", str(cfg), "--no-collector.bridge", "--no-collector.fdb", "--web.enable-lifecycle")

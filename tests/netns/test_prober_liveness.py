@@ -12,7 +12,7 @@ import pytest
 from kvmnet.exporter import tasks
 from kvmnet.exporter.prober import engine
 from kvmnet.exporter.prober.engine import Prober
-from tests.netns.test_prober import ip, lab  # noqa: F401 - fixture
+from tests.harness import ip
 
 pytestmark = pytest.mark.netns
 

@@ -3,13 +3,13 @@
 redoing."""
 import pytest
 
-from tests.netns.test_survival import bridge_in, exporters, ip  # noqa: F401 - exporters is a fixture
+from tests.harness import bridge_in
 
 pytestmark = pytest.mark.netns
 PER_PORT, PER_BRIDGE, PER_GUEST = 32, 20, 29
 
 
-def test_series_per_port_bridge_guest(netns, exporters, tmp_path):  # noqa: F811
+def test_series_per_port_bridge_guest(netns, exporters, tmp_path):
     bridge_in(netns)
     batch = []
     for i in range(10):

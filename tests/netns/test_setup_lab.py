@@ -232,6 +232,7 @@ def test_hooks_attach_and_detach_a_tap(labs):
 
 def test_nat_one_way(labs):
     import yaml
+
     from tests.netns.setup_labs import EXAMPLES
     f, d = labs.make(yaml.safe_load((EXAMPLES / "nat-lab.yaml").read_text()))
     cli("up", "-c", str(f), check=True)

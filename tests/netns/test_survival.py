@@ -1,7 +1,8 @@
 """Survival: the real kvmnet-exporter through what a busy KVM host and the network throw at it.
 
 Every test here runs in CI (scripts/test.sh runs the whole suite). Those marked `slow` take 10-60 s each (tap churn
-for 15 s, 2000 veths for the event burst, a slow-client deadline, real QEMU guests); deselect them for a quick run with `-m "not slow"`. The
+for 15 s, 2000 veths for the event burst, a slow-client deadline, real QEMU guests); deselect them for a quick run
+with `-m "not slow"`. The
 10-minute soak is not a test: bench/soak.py, results in bench/results/soak.md.
 
 The witness for the topology is iproute2 (tests/witness.py); the exporter's log must never hold a traceback.
@@ -15,99 +16,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import witness
-from tests.conftest import delete_netns, unique_name
+from tests.conftest import delete_netns, free_port
+from tests.harness import EXPORTER, bridge_in, ip, values
 from tests.netns.setup_labs import RUN_DIR, Labs, netns_list
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.netns
-EXPORTER = os.path.join(os.path.dirname(sys.executable), "kvmnet-exporter")
-
-
-
-
-def ip(*argv: str) -> None:
-    subprocess.run(["ip", *argv], check=True, capture_output=True)
-
-
-def bridge_in(ns: str, name: str = "br0") -> None:
-    ip("-n", ns, "link", "add", name, "type", "bridge")
-    ip("-n", ns, "link", "set", name, "up")
-
-
-class Exporter:
-    """The real binary on 127.0.0.1:<free port>; its log goes to a file (a pipe could fill and stall it)."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.log_path = tmp_path / f"exporter-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([EXPORTER, "--web.listen-address", f"127.0.0.1:{self.port}", *args],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while True:
-            assert self.proc.poll() is None, self.log()
-            try:
-                if self.get("/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "exporter did not come up: " + self.log()
-            time.sleep(0.1)
-
-    def get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def samples(self) -> list:
-        status, body = self.get("/metrics")
-        assert status == 200
-        return [s for fam in text_string_to_metric_families(body.decode()) for s in fam.samples]
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        text = self.log()
-        assert "Traceback" not in text, text
-        return text
-
-
-@pytest.fixture
-def exporters(tmp_path):
-    made: list[Exporter] = []
-
-    def start(*args: str) -> Exporter:
-        e = Exporter(tmp_path, *args)
-        made.append(e)
-        return e
-
-    yield start
-    for e in made:
-        e.stop()
-
-
-def values(samples, name: str, **lbl) -> list[float]:
-    return [s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in lbl.items())]
 
 
 def ports(samples, ns: str) -> set[str]:
@@ -149,7 +68,7 @@ def test_tap_churn_while_scraping(netns, exporters):
         end = time.monotonic() + 15
         while time.monotonic() < end:
             t0 = time.monotonic()
-            status, body = e.get("/metrics")
+            status, body, _ = e.get("/metrics")
             statuses.append(status)
             fams = list(text_string_to_metric_families(body.decode()))  # raises if not parseable
             for fam in fams:
@@ -269,7 +188,7 @@ def test_abusive_http(exporters):
             assert e.get("/metrics")[0] == 200
         # Concurrent scrapes, with the idle sockets still open.
         def scrape(_):
-            status, body = e.get("/metrics", timeout=30)
+            status, body, _ = e.get("/metrics", timeout=30)
             list(text_string_to_metric_families(body.decode()))
             return status
         with ThreadPoolExecutor(50) as pool:
@@ -301,7 +220,7 @@ def test_silent_and_slow_clients_are_cut_off(exporters):
                 s.settimeout(1)
                 if s.recv(1024) == b"":
                     closed[name] = time.monotonic() - start
-            except socket.timeout:
+            except TimeoutError:
                 pass
             except OSError:
                 closed[name] = time.monotonic() - start

@@ -37,7 +37,7 @@ class FakeIcmp:
         self.sockets: list[FakeIcmpSocket] = []
         self.fail_open: OSError | None = None  # raised by the next opens, as open_icmp_socket would
 
-    def opener(self, netns: str, family: int, mode: str) -> tuple["FakeIcmpSocket", str]:
+    def opener(self, netns: str, family: int, mode: str) -> tuple[FakeIcmpSocket, str]:
         if self.fail_open is not None:
             raise self.fail_open
         s = FakeIcmpSocket(self, family, self.mode)

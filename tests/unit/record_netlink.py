@@ -24,8 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from kvmnet.exporter.sources import netlink as nl  # noqa: E402
 from kvmnet.common import netns  # noqa: E402
+from kvmnet.exporter.sources import netlink as nl  # noqa: E402
 
 DATA = HERE / "data"
 ODD = ['vm"2\\é', "x.y-z_0"]  # a quote, a backslash and UTF-8 are all legal in device names

@@ -3,8 +3,15 @@ import ipaddress
 
 import pytest
 
-from kvmnet.exporter.config import (Config, ConfigError, Target, from_dict, load_config, parse_duration,
-                                    resolve_target_netns)
+from kvmnet.exporter.config import (
+    Config,
+    ConfigError,
+    Target,
+    from_dict,
+    load_config,
+    parse_duration,
+    resolve_target_netns,
+)
 
 
 def test_full_config(tmp_path):

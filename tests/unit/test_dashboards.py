@@ -100,7 +100,7 @@ def test_dashboard_importable(path):
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for p in all_panels(d):
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)

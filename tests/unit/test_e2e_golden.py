@@ -9,7 +9,7 @@ Regenerate after an intended change of the output (a new family, a changed HELP)
 The skip rule (SKIP, below): sample lines of series whose value depends on the machine or the moment are left out
 of the comparison; their `# HELP` and `# TYPE` lines stay, so the family list is still checked. Those are the
 process_* metrics, the collector durations, the reload timestamp, the prober's heartbeat timestamp and
-kvmnet_build_info (its python label).
+kvmnet_build_info (its python and revision labels).
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from kvmnet.exporter.web import SERVICE_KEY, create_app
 
 from .fakeicmp import FakeIcmp
 from .fakenetlink import FakeKernel
-
 from .goldenfile import GOLDEN
+
 # Sample lines (not HELP/TYPE) that cannot be deterministic. Documented in docs/metrics.md too.
 SKIP = re.compile(r"^(process_\w+|kvmnet_scrape_collector_duration_seconds|"
                   r"kvmnet_config_last_reload_success_timestamp_seconds|kvmnet_build_info|"

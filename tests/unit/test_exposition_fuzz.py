@@ -5,7 +5,8 @@ expositions is checked by one `promtool check metrics` call."""
 import ipaddress
 import subprocess
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmnet.exporter.collectors.bridge import bridge_families
@@ -15,7 +16,6 @@ from kvmnet.exporter.prober.state import BUCKETS
 from kvmnet.exporter.prober.targets import Target
 from kvmnet.exporter.sources.identity import GuestIdentity
 from kvmnet.exporter.sources.netlink import Bridge, BridgeSnapshot, Counters, Port
-
 from tests.witness import expected_label
 
 names = st.binary(min_size=1, max_size=15)

@@ -14,10 +14,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmnet.exporter import webconfig
-from kvmnet.exporter.config import ConfigError, from_dict
 from kvmnet.common import yamlfile
 from kvmnet.common.lab import LabError, parse_lab
+from kvmnet.exporter import webconfig
+from kvmnet.exporter.config import ConfigError, from_dict
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(FAST, max_examples=40)  # the round trips: each example is a whole valid file

@@ -157,11 +157,12 @@ def test_guest_rows_cached_and_odd_names_rendered_exactly():
     guest that goes away takes its cached row with it."""
     import ipaddress
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     from kvmnet.exporter.collectors.probe import GuestCollector
     from kvmnet.exporter.exposition import render
     from kvmnet.exporter.prober.engine import Prober
     from kvmnet.exporter.prober.targets import Target
-    from prometheus_client.parser import text_string_to_metric_families
 
     p = Prober()
     odd = 'vm%d "x"\\'

@@ -2,9 +2,20 @@
 import os
 from types import SimpleNamespace
 
-from kvmnet.exporter.sources.identity import (GuestDirectory, GuestIdentity, Netdev, libvirt_state, parse_cmdline,
-                                             parse_domain_xml, qmp_socket, qmp_state, shutoff_reason,
-                                             parse_fdinfo, parse_opts, resolve_taps)
+from kvmnet.exporter.sources.identity import (
+    GuestDirectory,
+    GuestIdentity,
+    Netdev,
+    libvirt_state,
+    parse_cmdline,
+    parse_domain_xml,
+    parse_fdinfo,
+    parse_opts,
+    qmp_socket,
+    qmp_state,
+    resolve_taps,
+    shutoff_reason,
+)
 
 # The seed's own command line (DESIGN.md): a tap named on the command line, the MAC on the -device.
 SEED = ["qemu-system-x86_64", "-name", "vm1", "-m", "512", "-drive", "file=debian-8.7.1-amd64.img,if=virtio",

@@ -9,8 +9,6 @@ from kvmnet.exporter.limits import Limits, serve_async
 from tests.conftest import free_port
 
 
-
-
 async def start(limits: Limits):
     release = asyncio.Event()
 
@@ -27,9 +25,11 @@ async def start(limits: Limits):
     app.router.add_post("/fast", fast)
     port = free_port()
     ready = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve_async(app, "127.0.0.1", port, limits=limits, ready=ready.set_result))
+    done = asyncio.Event()  # stands in for SIGTERM: the same clean shutdown, without signalling pytest itself
+    task = asyncio.create_task(serve_async(app, "127.0.0.1", port, limits=limits, ready=ready.set_result,
+                                           stop=done))
     tracker = await ready
-    return port, tracker, release, task
+    return port, tracker, release, (task, done)
 
 
 async def request(port: int, data: bytes) -> bytes:
@@ -40,15 +40,14 @@ async def request(port: int, data: bytes) -> bytes:
     return out
 
 
-async def stop(task):
-    import os
-    import signal
-    os.kill(os.getpid(), signal.SIGTERM)  # serve_async's own handler: a clean shutdown
+async def stop(server):
+    task, done = server
+    done.set()
     await asyncio.wait_for(task, 10)
 
 
 async def test_idle_evicted_busy_refused():
-    port, tracker, release, task = await start(Limits(max_connections=2, header_timeout=30))
+    port, tracker, release, server = await start(Limits(max_connections=2, header_timeout=30))
     try:
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
         await asyncio.sleep(0.1)
@@ -65,11 +64,11 @@ async def test_idle_evicted_busy_refused():
         release.set()
         assert all(b.startswith(b"HTTP/1.1 200") for b in await asyncio.gather(*busy))
     finally:
-        await stop(task)
+        await stop(server)
 
 
 async def test_silent_client_cut_off_and_big_body_refused():
-    port, tracker, release, task = await start(Limits(header_timeout=0.5, max_body=1000))
+    port, tracker, release, server = await start(Limits(header_timeout=0.5, max_body=1000))
     try:
         r, w = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(r.read(), 3) == b""  # closed by the server, no response
@@ -87,7 +86,7 @@ async def test_silent_client_cut_off_and_big_body_refused():
         names = {m.name: m.samples[0].value for m in tracker.collect()}
         assert names["kvmnet_http_requests_malformed"] == 2 and names["kvmnet_http_connections_timed_out"] == 1
     finally:
-        await stop(task)
+        await stop(server)
 
 
 def test_sigterm_stops_even_a_starved_event_loop(tmp_path):

@@ -60,7 +60,7 @@ def ours_link(l: nl.Link) -> dict:
 def test_links_agree_with_pyroute2(fixture):
     blob = (DATA / fixture).read_bytes()
     n = 0
-    for typ, off, end in each(blob, rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
+    for _typ, off, end in each(blob, rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
         m = decoded(ifinfmsg, blob, off, end)
         if m["family"] == nl.AF_BRIDGE:  # STP notifications: only the index and the port state are read
             index, state = nl.parse_bridge_protinfo(blob, off, end)

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 
-from kvmnet.setup.plan import Link, Observed, Refused, plan
 from kvmnet.common.lab import parse_lab
+from kvmnet.setup.plan import Link, Observed, Refused, plan
 
 LAB = {
     "name": "p",

@@ -2,8 +2,6 @@
 answers: every bad header, count, target and netns is a 400/403 that leaves the background prober cycling; at
 most 8 probes run at once and the rest get 429 at once, so 256 slow /probe clients never lock /metrics out."""
 import asyncio
-import os
-import signal
 import urllib.parse
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,9 +42,10 @@ async def serve():
     app = create_app(service, probe_handler=gp.handle_probe)
     port = free_port()
     ready = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve_async(app, "127.0.0.1", port, ready=ready.set_result))
+    done = asyncio.Event()  # stands in for SIGTERM without signalling pytest itself
+    task = asyncio.create_task(serve_async(app, "127.0.0.1", port, ready=ready.set_result, stop=done))
     await ready
-    return port, gp, task
+    return port, gp, (task, done)
 
 
 async def get(port, path, headers=b"", keep=False):
@@ -61,13 +60,14 @@ async def get(port, path, headers=b"", keep=False):
     return int(head.split()[1]), body, w
 
 
-async def stop(task):
-    os.kill(os.getpid(), signal.SIGTERM)
+async def stop(server):
+    task, done = server
+    done.set()
     await asyncio.wait_for(task, 10)
 
 
 async def test_bad_values_are_refused_and_the_prober_keeps_cycling():
-    port, gp, task = await serve()
+    port, gp, server = await serve()
     try:
         t = "/probe?target=10.0.0.2&count=1"
         for value in (b"nan", b"inf", b"-inf", b"-1", b"0", b"1e308x", b"garbage", b"", b"9" * 400):
@@ -93,11 +93,11 @@ async def test_bad_values_are_refused_and_the_prober_keeps_cycling():
         assert rej == {"bad_request": 19, "netns_not_watched": 3, "too_many": 0}
         assert fams["kvmnet_prober_last_cycle_timestamp_seconds"].samples[0].value > 0
     finally:
-        await stop(task)
+        await stop(server)
 
 
 async def test_256_slow_probes_never_lock_out_metrics():
-    port, gp, task = await serve()
+    port, gp, server = await serve()
     try:
         slow = b"X-Prometheus-Scrape-Timeout-Seconds: 6\r\n"  # a 5.5 s budget with no reply: slow
         probes = [asyncio.create_task(get(port, "/probe?target=10.0.0.2&count=1", slow, keep=True))
@@ -123,4 +123,4 @@ async def test_256_slow_probes_never_lock_out_metrics():
                      "kvmnet_http_connections_timed_out", "kvmnet_http_requests_too_large"):
             assert name in fams
     finally:
-        await stop(task)
+        await stop(server)

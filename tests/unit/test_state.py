@@ -62,6 +62,7 @@ def test_journal_replays_intents_and_identities_and_ignores_a_torn_last_line(tmp
 
 def test_a_corrupt_record_is_one_line_not_a_traceback(tmp_path):
     import pytest
+
     from kvmnet.setup.state import State, StateError
     (tmp_path / "lab3").mkdir()
     (tmp_path / "lab3" / "state.json").write_text('{"created": [1, 2]}')
@@ -71,6 +72,7 @@ def test_a_corrupt_record_is_one_line_not_a_traceback(tmp_path):
 
 def test_one_holder_at_a_time_and_the_holder_is_named(tmp_path):
     import pytest
+
     from kvmnet.setup.state import Busy, State
     a, b = State("lab4", root=tmp_path), State("lab4", root=tmp_path)
     a.lock()
@@ -89,6 +91,7 @@ def test_one_holder_at_a_time_and_the_holder_is_named(tmp_path):
 
 def test_state_names_are_lab_names_never_paths(tmp_path):
     import pytest
+
     from kvmnet.setup.state import State
     for bad in ("..", "../x", "a/b", "", "x\n", "-x"):
         with pytest.raises(ValueError):

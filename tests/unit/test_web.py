@@ -1,10 +1,11 @@
 """The web layer with a stand-in collector: /metrics parses, gzip, negotiation, coalesced scrapes, reload."""
 import asyncio
 import gzip
+import os
+import subprocess
 import threading
 import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmnet.exporter.exposition import MetricFamily, labels
@@ -73,6 +74,9 @@ async def test_metrics_parse_and_self_metrics(aiohttp_client, tmp_path):
     assert sample(fams, "kvmnet_scrape_collector_duration_seconds", collector="standin", netns="") >= 0
     build = fams["kvmnet_build_info"].samples[0]
     assert build.labels["version"] and build.labels["python"] and build.value == 1
+    # an editable checkout: the revision is its git HEAD (exporter/revision.py); without git, "unknown"
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert build.labels["revision"].removesuffix("-dirty") == (git.stdout.strip() if git.returncode == 0 else "unknown")
     assert sample(fams, "process_resident_memory_bytes") > 0
     assert sample(fams, "kvmnet_config_last_reload_successful") == 1
     assert sample(fams, "kvmnet_config_last_reload_success_timestamp_seconds") > 1e9
@@ -281,7 +285,7 @@ async def test_prober_lifecycle_and_a_failing_start(aiohttp_client):
         p = Prober(fail)
         settings = Settings(enabled={"identity": False})
         service = Service(settings, load(settings), factories={}, prober=p)
-        client = await aiohttp_client(create_app(service, reload=lambda: load(settings), lifecycle=True))
+        client = await aiohttp_client(create_app(service, reload=lambda s=settings: load(s), lifecycle=True))
         assert p.events == ["start"]
         assert (await client.post("/-/reload")).status == 200
         assert p.events == ["start", "reconfigure"]
