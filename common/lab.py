@@ -190,6 +190,9 @@ class Bridge(_Strict):
     address: Interface | None = None
     stp: Annotated[Stp, BeforeValidator(_stp)] = Stp()
     ports: list[DevName] = Field([], max_length=MAX_PORTS)
+    # The kernel's FDB learning limit (IFLA_BR_FDB_MAX_LEARNED, 6.8+): past it new MACs are not learned (and flood).
+    # 0 = no limit; unset = leave the kernel's value. Bounded at 2^20, far past what a bridge should learn.
+    fdb_max_learned: int | None = Field(None, ge=0, le=1 << 20)
 
 
 class Lan(_Strict):

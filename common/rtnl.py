@@ -40,10 +40,24 @@ RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_PROTINFO, IFLA_LINKINFO = 1, 3, 5, 10, 12, 18
 IFLA_NET_NS_FD, IFLA_EXT_MASK, IFLA_CARRIER_CHANGES = 28, 29, 35
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_TXQLEN = 13
 IFLA_BR_STP_STATE = 5
+IFLA_BR_ROOT_ID, IFLA_BR_BRIDGE_ID, IFLA_BR_ROOT_PORT, IFLA_BR_ROOT_PATH_COST = 10, 11, 12, 13
+IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED = 14, 15
+# Kernel 6.8+ (after IFLA_BR_MCAST_QUERIER_STATE = 47; Debian's 6.1 headers stop there). Checked by behaviour on
+# this 6.18 kernel: setting 49 to N makes the bridge stop learning after N MACs and 48 counts them
+# (tests/netns/test_bridge_internals.py).
+IFLA_BR_FDB_N_LEARNED, IFLA_BR_FDB_MAX_LEARNED = 48, 49
 IFLA_BRPORT_STATE = 1
 IFLA_TUN_TYPE = 3
-IFLA_STATS_LINK_64 = 1
+IFLA_STATS_LINK_64, IFLA_STATS_LINK_XSTATS_SLAVE = 1, 3
+LINK_XSTATS_TYPE_BRIDGE = 1
+BRIDGE_XSTATS_STP = 4  # <linux/if_bridge.h>: struct bridge_stp_xstats, six __u64
+# <linux/rtnetlink.h>, <linux/pkt_sched.h>, <linux/gen_stats.h>
+RTM_NEWQDISC, RTM_GETQDISC = 36, 38
+TCA_KIND, TCA_STATS2 = 1, 7
+TCA_STATS_BASIC, TCA_STATS_QUEUE, TCA_STATS_PKT64 = 1, 3, 8
+TC_H_ROOT = 0xFFFFFFFF
 VETH_INFO_PEER = 1  # <linux/veth.h>
 IFA_ADDRESS, IFA_LOCAL = 1, 2  # <linux/if_addr.h>
 # <linux/if.h>
@@ -198,7 +212,8 @@ class Rtnl:
                 def u32(k: int, d: dict[int, bytes] = d) -> int | None:
                     return struct.unpack("I", d[k])[0] if k in d else None
                 bridge = {"forward_delay": u32(1), "hello_time": u32(2), "max_age": u32(3), "stp_state": u32(5),
-                          "priority": struct.unpack("H", d[6])[0] if 6 in d else None}  # IFLA_BR_* of if_link.h
+                          "priority": struct.unpack("H", d[6])[0] if 6 in d else None,  # IFLA_BR_* of if_link.h
+                          "fdb_max_learned": u32(IFLA_BR_FDB_MAX_LEARNED)}  # None before kernel 6.8
             out.append({"index": index, "flags": flags, "kind": kind, "bridge": bridge,
                         "name": a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace"),
                         "master": struct.unpack("I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0})
@@ -222,6 +237,12 @@ class Rtnl:
         if master is not None:
             body += _attr(IFLA_MASTER, struct.pack("I", master))
         self.request(RTM_NEWLINK, 0, body)
+
+    def bridge_fdb_max_learned(self, index: int, limit: int) -> None:
+        """Set IFLA_BR_FDB_MAX_LEARNED (neither iproute2 6.1 nor pyroute2 knows it)."""
+        data = _attr(IFLA_BR_FDB_MAX_LEARNED, struct.pack("I", limit))
+        info = _attr(IFLA_INFO_KIND, b"bridge\0") + _attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
+        self.request(RTM_NEWLINK, 0, _ifinfo(index) + _attr(IFLA_LINKINFO | NLA_F_NESTED, info))
 
     def link_up_index(self, index: int) -> None:
         self.request(RTM_NEWLINK, 0, _ifinfo(index, IFF_UP, IFF_UP))

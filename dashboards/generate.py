@@ -442,6 +442,38 @@ def bridge() -> dict:
                           "instance": "Exporter"}},
         "Each port with its kind, the guest behind it (when known) and its FDB entries by kind.", sort_by="Port"),
         12, 9)
+    L.add(timeseries("Learned MACs against the kernel's limit", refs(
+        target(f"kvmnet_bridge_fdb_learned_entries{{{BR}}}", "{{bridge}} learned"),
+        target(f"kvmnet_bridge_fdb_learned_limit{{{BR}}} > 0", "{{bridge}} limit (fdb_max_learned)")), "short",
+        "Learned entries as the kernel counts them, and the bridge's fdb_max_learned where one is set (kernel "
+        "6.8+). At the limit new MACs are silently not learned and their traffic floods (KvmnetBridgeFdbLimitReached)."),
+        8, 8)
+    L.add(timeseries("MAC moves onto each port", [target(
+        f"increase(kvmnet_port_fdb_moves_total{{{DEV}}}[$__rate_interval])", "{{device}}")], "short",
+        "Learned MACs that moved onto the port from another port: a loop, a cloned guest or spoofing when it keeps "
+        "happening (KvmnetFdbMacFlapping). The exporter logs event=fdb_move with the MAC.", bars=True), 8, 8)
+    L.add(table("Guests and their configured MACs", [target(
+        f"max by (instance, netns, bridge, device, guest, mac) (kvmnet_guest_mac_conflict{{{BR}}})",
+        instant=True, fmt="table")], "short", [col("mac", "none"), col("guest", "none")],
+        {"excludeByName": {"Time": True, "job": True, "__name__": True},
+         "renameByName": {"bridge": "Bridge", "device": "Port", "guest": "Guest", "mac": "MAC",
+                          "Value": "Guests with it", "netns": "Namespace", "instance": "Exporter"}},
+        "From the guests' identity (QEMU, libvirt, lab file): how many guests on the bridge are configured with each "
+        "guest's MAC; more than 1 is a conflict (KvmnetGuestMacConflict).", sort_by="MAC"), 8, 8)
+    L.row("Tap queues (root qdisc per port)")
+    L.add(timeseries("Qdisc drops and overlimits per port", refs(
+        target(f"rate(kvmnet_port_qdisc_drops_total{{{DEV}}}[$__rate_interval])", "{{device}} drops"),
+        target(f"rate(kvmnet_port_qdisc_overlimits_total{{{DEV}}}[$__rate_interval])", "{{device}} overlimits"),
+        target(f"rate(kvmnet_port_qdisc_requeues_total{{{DEV}}}[$__rate_interval])", "{{device}} requeues")),
+        "pps", "Drops on a shaped tap (tbf/htb, as Proxmox and OpenStack limit guests) mean its rate limit is hit "
+        "(KvmnetPortQdiscDrops); overlimits count packets held back by the shaper."), 8, 8)
+    L.add(timeseries("Qdisc backlog per port", refs(
+        target(f"kvmnet_port_qdisc_backlog_bytes{{{DEV}}}", "{{device}} bytes")), "bytes",
+        "Bytes waiting in the port's root qdisc towards its guest."), 8, 8)
+    L.add(timeseries("Transmit queue length per port", [target(
+        f"kvmnet_port_transmit_queue_length{{{DEV}}}", "{{device}}")], "short",
+        "IFLA_TXQLEN in packets: how much the host may queue towards a guest (`ip link set DEV txqueuelen N`)."),
+        8, 8)
     L.row("Carrier and spanning tree")
     L.add(state_timeline("Carrier per port", [target(f"kvmnet_port_up{{{DEV}}}", "{{device}}")], "none", CARRIER,
                          "IFF_LOWER_UP: a tap has carrier while a process (its QEMU) holds it."), 12, 9)
@@ -458,8 +490,30 @@ def bridge() -> dict:
         f'changes(kvmnet_port_stp_state{{{DEV},state="forwarding"}}[$__range])', "{{device}}")], "short",
         "How often each port entered or left forwarding over the dashboard's range (KvmnetStpStateFlapping at "
         "4 in 15 minutes)."), 12, 9)
+    L.add(timeseries("STP BPDUs, TCNs and transitions per port", refs(
+        target(f'rate(kvmnet_port_stp_bpdus_total{{{DEV},direction="receive"}}[$__rate_interval])',
+               "{{device}} BPDUs in"),
+        target(f'rate(kvmnet_port_stp_bpdus_total{{{DEV},direction="transmit"}}[$__rate_interval])',
+               "{{device}} BPDUs out"),
+        target(f"rate(kvmnet_port_stp_tcns_total{{{DEV}}}[$__rate_interval])", "{{device}} TCNs {{direction}}"),
+        target(f"increase(kvmnet_port_stp_transitions_total{{{DEV}}}[$__rate_interval])",
+               "{{device}} to {{to}}")), "short",
+        "From the bridge's STP xstats: BPDUs received on a guest port mean a guest speaks STP; TCNs and "
+        "transitions to blocking mean the topology is changing."), 12, 9)
+    L.add(table("STP root per bridge", refs(
+        target(f"max by (instance, netns, bridge, root_id) (kvmnet_bridge_stp_root_info{{{BR}}})",
+               instant=True, fmt="table"),
+        target(f"max by (instance, netns, bridge) (kvmnet_bridge_stp_root_port{{{BR}}})", instant=True, fmt="table"),
+        target(f"max by (instance, netns, bridge) (kvmnet_bridge_stp_root_path_cost{{{BR}}})", instant=True,
+               fmt="table")), "short", [col("root_id", "none")],
+        {"excludeByName": {"Time": True, "job": True, "__name__": True, "Value #A": True},
+         "renameByName": {"bridge": "Bridge", "root_id": "Root", "Value #B": "Root port",
+                          "Value #C": "Path cost", "netns": "Namespace", "instance": "Exporter"}},
+        "Who the bridge believes is root; root port 0 means it is the root itself (KvmnetStpRootChanged).",
+        sort_by="Bridge"), 12, 9)
     return dashboard("kvmnet-bridge", "kvmnet / Bridge",
-                     "One bridge's ports: traffic in both directions, drops, errors, FDB by kind, carrier, STP.",
+                     "One bridge's ports: traffic in both directions, drops, errors, FDB by kind and its learning "
+                     "limit, MAC moves, tap queues, carrier, STP and its root.",
                      [v_datasource(), V_INSTANCE, V_NETNS, V_BRIDGE, V_DEVICE], L.panels)
 
 

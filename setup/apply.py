@@ -478,10 +478,23 @@ class Applier:
         item = self._link(a.ns, a.name)
         self.net.ipr(a.ns).link("add", ifname=a.name, index=item["ifindex"], kind="bridge",
                                 **self._bridge_opts(a.args["stp"]))
+        self._fdb_limit(a)
 
     def do_bridge_set(self, a: Action) -> None:
         self.net.ipr(a.ns).link("set", index=self.net.index(a.ns, a.name), kind="bridge",
                                 **self._bridge_opts(a.args["stp"]))
+        self._fdb_limit(a)
+
+    def _fdb_limit(self, a: Action) -> None:
+        limit = a.args.get("fdb_max_learned")
+        if limit is None:
+            return
+        raw = self.net.raw(a.ns)
+        raw.bridge_fdb_max_learned(self.net.index(a.ns, a.name), limit)
+        # Kernels before 6.8 ignore the attribute silently: check it stuck, or `up` would never converge.
+        got = next((d["bridge"] or {}).get("fdb_max_learned") for d in raw.link_details() if d["name"] == a.name)
+        if got != limit:
+            raise ApplyError(f"bridge {a.name}: fdb_max_learned {limit} not taken by this kernel (needs 6.8+)")
 
     def do_veth_add(self, a: Action) -> None:
         peer_ns = a.args.get("peer_ns") or "/proc/thread-self/ns/net"

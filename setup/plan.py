@@ -56,7 +56,8 @@ class Action:
             "netns_add": f"create namespace {self.name}",
             "bridge_add": f"create bridge {self.name}{where} "
                           f"(stp {'on' if a.get('stp', {}).get('enabled') else 'off'})",
-            "bridge_set": f"set bridge {self.name}{where} options {a.get('stp')}",
+            "bridge_set": f"set bridge {self.name}{where} options {a.get('stp')}"
+                          + (f" fdb_max_learned {a['fdb_max_learned']}" if "fdb_max_learned" in a else ""),
             "veth_add": f"create veth {self.name}{where} <-> {a.get('peer')} in {a.get('peer_ns') or 'host'}",
             "tap_add": f"create tap {self.name}{where}" + "".join(
                 f" {k}={a[k]}" for k in ("owner", "multi_queue", "vnet_hdr") if a.get(k) not in (None, False)),
@@ -122,10 +123,12 @@ def plan(lab: Lab, obs: Observed, force: bool = False) -> list[Action]:
         dev_free(host, b.name, f"bridges[{i}].name")
         have = links.get(b.name)
         want = _stp_kernel(b.stp)
+        limit = {} if b.fdb_max_learned is None else {"fdb_max_learned": b.fdb_max_learned}
+        want.update(limit)
         if have is None:
-            add("bridge_add", host, b.name, stp=b.stp.model_dump())
+            add("bridge_add", host, b.name, stp=b.stp.model_dump(), **limit)
         elif have.bridge is not None and any(have.bridge.get(k) != v for k, v in want.items()):
-            add("bridge_set", host, b.name, stp=b.stp.model_dump())
+            add("bridge_set", host, b.name, stp=b.stp.model_dump(), **limit)
         if b.address and (have is None or str(b.address) not in have.addresses):
             add("addr_add", host, b.name, address=str(b.address))
         if have is None or not have.up:

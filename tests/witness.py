@@ -25,6 +25,23 @@ def bridge_ports(netns: str) -> dict[str, dict]:
     return {p["ifname"]: p for p in _json("bridge", "-n", netns, "-j", "link", "show")}
 
 
+def stp_xstats(netns: str) -> dict[str, dict]:
+    """`ip -j stats show group xstats_slave subgroup bridge suite stp`: {port: {rx_bpdu, ..., transition_fwd}}."""
+    out = _json("ip", "-n", netns, "-j", "stats", "show", "group", "xstats_slave", "subgroup", "bridge", "suite", "stp")
+    return {e["ifname"]: e["stp"] for e in out if "stp" in e}
+
+
+def root_qdiscs(netns: str) -> dict[str, dict]:
+    """`tc -s -j qdisc show`: each device's root qdisc with its counters."""
+    return {q["dev"]: q for q in _json("tc", "-n", netns, "-s", "-j", "qdisc", "show") if q.get("root")}
+
+
+def sysfs_bridge(netns: str, bridge: str, attr: str) -> str:
+    """/sys/class/net/BRIDGE/bridge/ATTR read inside the namespace (the kernel's own text). Used for root_id:
+    iproute2 6.1's `ip -d link` prints the bridge's own id as root_id (it reads IFLA_BR_BRIDGE_ID for both)."""
+    return run(netns, "cat", f"/sys/class/net/{bridge}/bridge/{attr}").stdout.strip()
+
+
 def run(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", netns, *argv], check=check, capture_output=True, text=True)
 

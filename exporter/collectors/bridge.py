@@ -19,6 +19,17 @@ STP state (no kvmnet_port_stp_state) and no FDB. Their counters run the other wa
 what goes to its guest (the lower device hands it the frame), so its receive is the guest's receive.
 `guest` on kvmnet_bridge_info names the guest a bridge belongs to (Proxmox's per-guest firewall bridge fwbrNiM).
 
+Bridge internals (the kernel's own view of trouble):
+
+    kvmnet_port_transmit_queue_length{netns="lab",bridge="br0",device="vm1eth0"} 1000
+    kvmnet_port_stp_transitions_total{netns="lab",bridge="br0",device="vm1eth0",to="blocking"} 0
+    kvmnet_port_stp_bpdus_total{netns="lab",bridge="br0",device="vm1eth0",direction="receive"} 0   (+ tcns)
+    kvmnet_port_qdisc_drops_total{netns="lab",bridge="br0",device="vm1eth0"} 0   (+ overlimits, requeues)
+    kvmnet_port_qdisc_backlog_bytes{netns="lab",bridge="br0",device="vm1eth0"} 0 (+ backlog_packets)
+    kvmnet_bridge_stp_root_info{netns="lab",bridge="br0",root_id="8000.0ae84fc56a16"} 1
+    kvmnet_bridge_stp_root_port{netns="lab",bridge="br0"} 0   (+ root_path_cost, topology_change)
+    kvmnet_guest_mac_conflict{netns="lab",bridge="br0",device="vm2eth0",guest="vm2",mac="0a:.."} 1   (guests with a MAC)
+
 Samples come sorted by bridge, then device (the snapshot's order), so output is stable. `include`/`exclude`
 (`--device.include/exclude`) are searched (re.search) in bridge port names only; bridges are always reported, and
 kvmnet_bridge_ports always counts every port.
@@ -69,6 +80,26 @@ def _filter(include: re.Pattern | None, exclude: re.Pattern | None) -> Callable[
     return keep
 
 
+_QDISC = (  # (Qdisc field, metric suffix, kind, help)
+    ("drops", "drops_total", "counter",
+     "Packets the port's root qdisc dropped (TCA_STATS_QUEUE): a shaped tap over its rate, or a guest that does "
+     "not drain its queue."),
+    ("overlimits", "overlimits_total", "counter",
+     "Times the port's root qdisc held back a packet because a rate limit (tbf, htb, ...) was reached."),
+    ("requeues", "requeues_total", "counter",
+     "Packets the port's root qdisc requeued because the device was busy."),
+    ("backlog", "backlog_bytes", "gauge", "Bytes waiting in the port's root qdisc now."),
+    ("qlen", "backlog_packets", "gauge", "Packets waiting in the port's root qdisc now."),
+)
+_STP_NAMES = ("kvmnet_port_stp_transitions_total", "kvmnet_port_stp_bpdus_total", "kvmnet_port_stp_tcns_total")
+_STP_LABELS = ("to", "direction", "direction")
+_STP = (  # (StpCounters field, family index, label value), in StpCounters' order
+    ("transition_blk", 0, "blocking"), ("transition_fwd", 0, "forwarding"),
+    ("rx_bpdu", 1, "receive"), ("tx_bpdu", 1, "transmit"),
+    ("rx_tcn", 2, "receive"), ("tx_tcn", 2, "transmit"),
+)
+
+
 class _Rows:
     """Rendered line prefixes per port and bridge, kept across scrapes: a scrape of 1000 taps is ~19k samples, and
     building each line from labels costs ~16 ms where `prefix + str(value)` costs ~4 ms (~2.5 kB per port).
@@ -90,8 +121,11 @@ class _Rows:
             stp = tuple(f"kvmnet_port_stp_state{with_label(pl, 'state', s)} " for s in STP_STATES)
             il = with_label(with_label(with_label(with_label(pl, "kind", kind), "mac", mac), "guest", guest),
                             "lower", lower)
+            xstp = tuple(f"{_STP_NAMES[i]}{with_label(pl, _STP_LABELS[i], v)} " for _f, i, v in _STP)
+            qdisc = tuple(f"kvmnet_port_qdisc_{suffix}{pl} " for _f, suffix, _k, _h in _QDISC)
             row = self.ports[key] = (counters, f"kvmnet_port_up{pl} ", f"kvmnet_port_carrier_changes_total{pl} ",
-                                     stp, f"kvmnet_port_info{il} 1")
+                                     stp, f"kvmnet_port_info{il} 1", f"kvmnet_port_transmit_queue_length{pl} ",
+                                     xstp, qdisc)
         return row
 
     def bridge(self, ns: str, br, guest: str = "") -> tuple:
@@ -140,6 +174,20 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
     br_info = MetricFamily("kvmnet_bridge_info", "gauge",
                            "A bridge: its MAC, whether kernel STP is on, and the guest it belongs to if it is a "
                            "guest's own (Proxmox's firewall bridge fwbrNiM), else empty.")
+    txq = MetricFamily("kvmnet_port_transmit_queue_length", "gauge",
+                       "Transmit queue length of the port in packets (IFLA_TXQLEN): how much the host queues "
+                       "towards a guest before its qdisc drops.")
+    xstp = [MetricFamily(_STP_NAMES[0], "counter",
+                         "STP state transitions of the port into blocking and into forwarding (bridge xstats)."),
+            MetricFamily(_STP_NAMES[1], "counter",
+                         "STP BPDUs the bridge received on and sent out of this port (bridge xstats)."),
+            MetricFamily(_STP_NAMES[2], "counter",
+                         "STP topology change notifications received on and sent out of this port (bridge xstats).")]
+    qd = [MetricFamily(f"kvmnet_port_qdisc_{suffix}", kind, help) for _f, suffix, kind, help in _QDISC]
+    # StpCounters' order is _STP's: blk, fwd (transitions), rx, tx BPDUs, rx, tx TCNs.
+    xstp_lines = [xstp[i].lines for _f, i, _v in _STP]
+    qd_lines = [f.lines for f in qd]
+    txq_l = txq.lines
 
     # Counters in the order of _COUNTERS, as indices into the Counters tuple (kernel order).
     idx = [FIELDS.index(f) for f, _d, _u in _COUNTERS]
@@ -166,7 +214,7 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
             # prober's discovery uses too, so kvmnet_port_info joins kvmnet_guest_up on guest).
             gname = g.name if g is not None else (p.name if p.kind in GUEST_KINDS else "")
             key = (ns, br.name, p.name, p.kind, p.mac, gname, "")
-            counters, up_p, flaps_p, stp_prefixes, pinfo = rows.port(key)
+            counters, up_p, flaps_p, stp_prefixes, pinfo, txq_p, xstp_p, qd_p = rows.port(key)
             seen_p.add(key)
             st = p.stats
             for lines, prefix, i in zip(pc_lines, counters, idx):
@@ -177,12 +225,20 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
             for i, prefix in enumerate(stp_prefixes):
                 stp_l.append(prefix + ("1" if i == s else "0"))
             info_l.append(pinfo)
+            txq_l.append(txq_p + str(p.txqlen))
+            if p.stp is not None:
+                for lines, prefix, v in zip(xstp_lines, xstp_p, p.stp):
+                    lines.append(prefix + str(v))
+            q = p.qdisc
+            if q is not None:
+                for lines, prefix, v in zip(qd_lines, qd_p, (q.drops, q.overlimits, q.requeues, q.backlog, q.qlen)):
+                    lines.append(prefix + str(v))
     for p in snap.macvtaps:
         if not keep(p.name):
             continue
         g = guests.get(p.name)
         key = (ns, "", p.name, p.kind, p.mac, g.name if g is not None else p.name, p.lower)
-        counters, up_p, flaps_p, _stp, pinfo = rows.port(key)
+        counters, up_p, flaps_p, _stp, pinfo, *_internals = rows.port(key)
         seen_p.add(key)
         st = p.stats
         for lines, prefix, i in zip(pc_lines, counters, idx):
@@ -191,7 +247,75 @@ def bridge_families(snap: BridgeSnapshot, guests: dict | None = None,
         flaps_l.append(flaps_p + str(p.carrier_changes))
         info_l.append(pinfo)
     rows.prune(seen_p, seen_b)
-    return port_c + [up, flaps, stp, info] + br_c + [br_up, br_ports, br_info]
+    return port_c + [up, flaps, stp, info] + br_c + [br_up, br_ports, br_info, txq, *xstp, *qd]
+
+
+# -- bridge internals: tap queues, STP counters and root, guests sharing a MAC -----------------------------------
+
+class _Prefixes:
+    """Rendered `name{labels} ` prefixes per (kind, netns, bridge, device), pruned to what the last scrape saw."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, tuple[str, ...]] = {}
+        self.seen: set = set()
+
+    def get(self, key: tuple, make: Callable[[], tuple[str, ...]]) -> tuple[str, ...]:
+        self.seen.add(key)
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = make()
+        return row
+
+    def prune(self) -> None:
+        if len(self.rows) > len(self.seen):
+            self.rows = {k: v for k, v in self.rows.items() if k in self.seen}
+        self.seen = set()
+
+
+def bridge_stp_families(snap: BridgeSnapshot) -> list[MetricFamily]:
+    """The bridge's view of the spanning tree: who is root, through which port, at what cost."""
+    # Only root_id as a label: a bridge's own id follows its MAC (the lowest port MAC unless set), and a label
+    # that changes with it would read as a root change.
+    info = MetricFamily("kvmnet_bridge_stp_root_info", "gauge",
+                        "The STP root bridge as this bridge sees it (IFLA_BR_ROOT_ID, priority.MAC, as in sysfs "
+                        "bridge/root_id). Without STP, or when it is the root, that is the bridge's own id.")
+    port = MetricFamily("kvmnet_bridge_stp_root_port", "gauge",
+                        "Port number of the bridge's root port (IFLA_BR_ROOT_PORT); 0 when it is the root itself.")
+    cost = MetricFamily("kvmnet_bridge_stp_root_path_cost", "gauge",
+                        "STP path cost from this bridge to the root (IFLA_BR_ROOT_PATH_COST).")
+    tc = MetricFamily("kvmnet_bridge_stp_topology_change", "gauge",
+                      "1 while the bridge is in STP topology change (IFLA_BR_TOPOLOGY_CHANGE): forwarding tables "
+                      "age out fast and frames flood.")
+    ns = snap.netns
+    for br in snap.bridges:
+        i = br.info
+        bl = labels(netns=ns, bridge=br.name)
+        info.add(labels(netns=ns, bridge=br.name, root_id=i.root_id), 1)
+        port.add(bl, i.root_port)
+        cost.add(bl, i.root_path_cost)
+        tc.add(bl, i.topology_change)
+    return [info, port, cost, tc]
+
+
+def mac_conflict_family(snap: BridgeSnapshot, guests: dict) -> MetricFamily:
+    """Per guest port whose guest has a configured MAC (QEMU, libvirt, lab file): how many guests on the bridge are
+    configured with that MAC. 1 is normal; 2 or more is a cloned guest or a copy-pasted MAC."""
+    fam = MetricFamily("kvmnet_guest_mac_conflict", "gauge",
+                       "Guests on this bridge configured with the same MAC as this guest, itself included (from the "
+                       "guests' identity: QEMU command line, libvirt XML, lab file): 1 is normal, 2 or more a "
+                       "conflict.")
+    ns = snap.netns
+    for br in snap.bridges:
+        by_mac: dict[str, list] = {}
+        for p in br.ports:
+            g = guests.get(p.name)
+            mac = getattr(g, "mac", "") if g is not None else ""
+            if mac:
+                by_mac.setdefault(mac.lower(), []).append((p.name, g.name))
+        for mac, who in sorted(by_mac.items()):
+            for device, name in who:
+                fam.add(labels(netns=ns, bridge=br.name, device=device, guest=name, mac=mac), len(who))
+    return fam
 
 
 class BridgeCollector:
@@ -228,7 +352,9 @@ class BridgeCollector:
                             "Netlink requests that failed: a kernel error reply, a dump still interrupted after "
                             "its retries, a malformed message, a timeout. That scrape's collector fails.")
         errs.add(ns, self.source.errors)
-        return bridge_families(snap, guests, self.keep, self._rows) + [resyncs, intr, errs]
+        out = bridge_families(snap, guests, self.keep, self._rows) + bridge_stp_families(snap)
+        out.append(mac_conflict_family(snap, guests))
+        return out + [resyncs, intr, errs]
 
     def close(self) -> None:
         """Drop the namespace's sockets (the service's source, shared with the fdb collector and the prober's

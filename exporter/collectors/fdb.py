@@ -1,7 +1,10 @@
-"""--collector.fdb: bridge FDB sizes by type, per port and per bridge.
+"""--collector.fdb: bridge FDB sizes by type, per port and per bridge; the learning limit and MAC moves
+.
 
     kvmnet_port_fdb_entries{netns="lab",bridge="br0",device="vm1eth0",type="learned"} 1
     kvmnet_bridge_fdb_entries{netns="lab",bridge="br0",type="local"} 3
+    kvmnet_bridge_fdb_learned_limit{netns="lab",bridge="br0"} 0
+    kvmnet_port_fdb_moves_total{netns="lab",bridge="br0",device="vm1eth0"} 0
 
 Read from the namespace's `NetlinkSource` that collectors/bridge.py uses too; kvmnet_bridge_fdb_entries counts
 every port whatever `--device.include/exclude` say.
@@ -13,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from ..exposition import MetricFamily, labels, with_label
 from ..sources.netlink import FDB_TYPES, BridgeSnapshot, NetlinkSource
-from .bridge import _filter
+from .bridge import _Prefixes, _filter
 
 
 def fdb_families(snap: BridgeSnapshot, keep: Callable[[str], bool] = lambda _n: True,
@@ -55,6 +58,35 @@ def fdb_families(snap: BridgeSnapshot, keep: Callable[[str], bool] = lambda _n: 
     return [port, bridge]
 
 
+def fdb_internal_families(snap: BridgeSnapshot, keep: Callable[[str], bool], cache: _Prefixes) -> list[MetricFamily]:
+    """The learning limit, the kernel's learned count and the moves of learned MACs onto each port."""
+    limit = MetricFamily("kvmnet_bridge_fdb_learned_limit", "gauge",
+                         "Most learned FDB entries the bridge keeps (IFLA_BR_FDB_MAX_LEARNED, kernel 6.8+); 0 means "
+                         "no limit. At the limit the kernel silently stops learning new MACs, which then flood.")
+    learned = MetricFamily("kvmnet_bridge_fdb_learned_entries", "gauge",
+                           "Learned FDB entries as the kernel counts them against the limit (IFLA_BR_FDB_N_LEARNED, "
+                           "kernel 6.8+; entries added by hand or by a driver do not count).")
+    moves = MetricFamily("kvmnet_port_fdb_moves_total", "counter",
+                         "Learned (MAC, VLAN) FDB entries that moved onto this port from another port of the bridge, "
+                         "counted from netlink FDB events. Moves during an event overflow (ENOBUFS, then a resync) "
+                         "count once at most per MAC. The exporter logs event=fdb_move naming the MAC.")
+    ns = snap.netns
+    for br in snap.bridges:
+        i = br.info
+        bl = labels(netns=ns, bridge=br.name)
+        if i.fdb_max_learned is not None:  # older kernels: no series rather than a made-up "no limit"
+            limit.add(bl, i.fdb_max_learned)
+        if i.fdb_n_learned is not None:
+            learned.add(bl, i.fdb_n_learned)
+        for p in br.ports:
+            if p.fdb_moves is None or not keep(p.name):
+                continue
+            row = cache.get((ns, br.name, p.name), lambda d=p.name, b=br.name: (
+                f"kvmnet_port_fdb_moves_total{labels(netns=ns, bridge=b, device=d)} ",))
+            moves.lines.append(row[0] + str(p.fdb_moves))
+    return [limit, learned, moves]
+
+
 class FdbCollector:
     """kvmnet_port_fdb_entries and kvmnet_bridge_fdb_entries of one namespace."""
 
@@ -66,9 +98,14 @@ class FdbCollector:
         self.keep = _filter(include, exclude)
         self.source = source if source is not None else NetlinkSource(netns)  # normally the service's
         self._cache: dict = {}
+        self._internals = _Prefixes()
 
     def collect(self) -> Iterable[MetricFamily]:
-        return fdb_families(self.source.snapshot(stats=False), self.keep, self._cache)
+        snap = self.source.snapshot(stats=False)
+        out = fdb_families(snap, self.keep, self._cache)
+        out += fdb_internal_families(snap, self.keep, self._internals)
+        self._internals.prune()
+        return out
 
     def close(self) -> None:
         self.source.close()

@@ -118,9 +118,14 @@ from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-expor
     iter_messages,
 )
 from kvmnet.common.rtnl import attr_spans as _attrs
+from kvmnet.common.rtnl import (  # bridge internals: STP root and learning limit, xstats, qdiscs
+    BRIDGE_XSTATS_STP, IFLA_BR_BRIDGE_ID, IFLA_BR_FDB_MAX_LEARNED, IFLA_BR_FDB_N_LEARNED, IFLA_BR_ROOT_ID,
+    IFLA_BR_ROOT_PATH_COST, IFLA_BR_ROOT_PORT, IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED,
+    IFLA_STATS_LINK_XSTATS_SLAVE, IFLA_TXQLEN, LINK_XSTATS_TYPE_BRIDGE, RTM_GETQDISC, RTM_NEWQDISC, TC_H_ROOT,
+    TCA_KIND, TCA_STATS2, TCA_STATS_BASIC, TCA_STATS_PKT64, TCA_STATS_QUEUE)
 
-__all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "Port", "Counters", "FdbCounts", "Link", "Neighbour",
-           "NetnsGone", "STP_STATES", "NetlinkProtocolError", "open_netlink"]
+__all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "BridgeInfo", "Port", "Counters", "FdbCounts", "Link",
+           "Neighbour", "StpCounters", "Qdisc", "NetnsGone", "STP_STATES", "NetlinkProtocolError", "open_netlink"]
 
 IFLA_LINK_NETNSID = 37  # <linux/if_link.h>
 # <linux/if_tun.h>
@@ -143,6 +148,11 @@ _NLA = rtnl.NLA
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
 _STATS8 = struct.Struct("=8Q")         # the first 8 fields of rtnl_link_stats64
+_STP6 = struct.Struct("=6Q")           # struct bridge_stp_xstats
+_TCM = struct.Struct("=BxxxiIII")      # tcmsg
+_BASIC = struct.Struct("=QI")          # gnet_stats_basic: bytes, packets
+_QUEUE = struct.Struct("=5I")          # gnet_stats_queue: qlen, backlog, drops, requeues, overlimits
+_BRID = struct.Struct("=2s6s")         # ifla_bridge_id: priority, MAC
 
 
 class Counters(NamedTuple):
@@ -170,6 +180,43 @@ class Link:
     carrier_changes: int = 0
     stp_state: int | None = None  # bridge ports: IFLA_BRPORT_STATE
     stp_enabled: bool | None = None  # bridges: IFLA_BR_STP_STATE != 0
+    txqlen: int = 0
+    br: BridgeInfo | None = None  # bridges: the IFLA_INFO_DATA we report
+
+
+class BridgeInfo(NamedTuple):
+    """A bridge's own state from IFLA_INFO_DATA. Root and learned count change without a notification, so the
+    source re-reads these with one small kind-filtered dump per scrape."""
+    root_id: str = ""              # "8000.0a1b2c3d4e5f": priority.MAC, as /sys/class/net/BR/bridge/root_id
+    bridge_id: str = ""
+    root_port: int = 0             # port number of the root port; 0 when this bridge is the root
+    root_path_cost: int = 0
+    topology_change: int = 0
+    topology_change_detected: int = 0
+    fdb_n_learned: int | None = None    # None: kernel before 6.8
+    fdb_max_learned: int | None = None  # 0: no limit
+
+
+class StpCounters(NamedTuple):
+    """struct bridge_stp_xstats, in the kernel's order."""
+    transition_blk: int = 0
+    transition_fwd: int = 0
+    rx_bpdu: int = 0
+    tx_bpdu: int = 0
+    rx_tcn: int = 0
+    tx_tcn: int = 0
+
+
+class Qdisc(NamedTuple):
+    """A device's root qdisc counters (TCA_STATS2)."""
+    kind: str
+    bytes: int = 0
+    packets: int = 0
+    drops: int = 0
+    overlimits: int = 0
+    requeues: int = 0
+    qlen: int = 0      # backlog, packets
+    backlog: int = 0   # backlog, bytes
 
 
 @dataclass(slots=True)
@@ -190,6 +237,10 @@ class Port:
     stp_state: int
     stats: Counters
     fdb: FdbCounts | None = None
+    txqlen: int = 0
+    stp: StpCounters | None = None   # None: the kernel gave no bridge xstats for it
+    qdisc: Qdisc | None = None       # None: no root qdisc reported (or qdiscs not asked for)
+    fdb_moves: int | None = None     # None: the FDB is not tracked
     lower: str = ""  # a macvtap's lower device; "" for bridge ports
 
     @property
@@ -208,6 +259,7 @@ class Bridge:
     stats: Counters
     ports: list[Port] = field(default_factory=list)
     fdb: FdbCounts | None = None  # every entry of this bridge, including those on the bridge device itself
+    info: BridgeInfo = BridgeInfo()
 
     @property
     def up(self) -> bool:
@@ -293,6 +345,8 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
         link.link = _u32(data, a)
     if (a := at.get(IFLA_CARRIER_CHANGES)) is not None:
         link.carrier_changes = _u32(data, a)
+    if (a := at.get(IFLA_TXQLEN)) is not None:
+        link.txqlen = _u32(data, a)
     if (a := at.get(IFLA_LINKINFO)) is not None:
         info = _attrs(data, a[0], a[1])
         if (k := info.get(IFLA_INFO_KIND)) is not None:
@@ -302,6 +356,7 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
             br = _attrs(data, d[0], d[1])
             if (s := br.get(IFLA_BR_STP_STATE)) is not None:
                 link.stp_enabled = _u32(data, s) != 0
+            link.br = _bridge_info(data, br)
         elif d is not None and link.kind == "tun":
             tun = _attrs(data, d[0], d[1])
             if (t := tun.get(IFLA_TUN_TYPE)) is not None:
@@ -312,6 +367,27 @@ def parse_link(data: bytes, off: int, end: int) -> Link | None:
             if (s := port.get(IFLA_BRPORT_STATE)) is not None:
                 link.stp_state = _u8(data, s)
     return link
+
+
+def _bridge_id(data: bytes, a: tuple[int, int] | None) -> str:
+    if a is None or a[1] - a[0] < 8:
+        return ""
+    prio, mac = _BRID.unpack_from(data, a[0])
+    return f"{prio.hex()}.{mac.hex()}"
+
+
+def _bridge_info(data: bytes, br: dict[int, tuple[int, int]]) -> BridgeInfo:
+    def u(t: int, fmt: struct.Struct = _U32) -> int | None:
+        a = br.get(t)
+        return fmt.unpack_from(data, a[0])[0] if a is not None and a[1] - a[0] >= fmt.size else None
+
+    def b(t: int) -> int:
+        a = br.get(t)
+        return data[a[0]] if a is not None and a[1] > a[0] else 0
+
+    return BridgeInfo(_bridge_id(data, br.get(IFLA_BR_ROOT_ID)), _bridge_id(data, br.get(IFLA_BR_BRIDGE_ID)),
+                      u(IFLA_BR_ROOT_PORT, _U16) or 0, u(IFLA_BR_ROOT_PATH_COST) or 0, b(IFLA_BR_TOPOLOGY_CHANGE),
+                      b(IFLA_BR_TOPOLOGY_CHANGE_DETECTED), u(IFLA_BR_FDB_N_LEARNED), u(IFLA_BR_FDB_MAX_LEARNED))
 
 
 def parse_bridge_protinfo(data: bytes, off: int, end: int) -> tuple[int, int | None]:
@@ -326,19 +402,22 @@ def parse_bridge_protinfo(data: bytes, off: int, end: int) -> tuple[int, int | N
     return index, (_u8(data, s) if s is not None else None)
 
 
-def parse_stats(data: bytes, off: int, end: int) -> tuple[int, Counters] | None:
-    """An RTM_NEWSTATS message with IFLA_STATS_LINK_64."""
+def parse_stats(data: bytes, off: int, end: int) -> tuple[int, Counters, StpCounters | None] | None:
+    """An RTM_NEWSTATS message: IFLA_STATS_LINK_64 and, for bridge ports, the STP part of the bridge's slave
+    xstats (IFLA_STATS_LINK_XSTATS_SLAVE > LINK_XSTATS_TYPE_BRIDGE > BRIDGE_XSTATS_STP). The rest of the xstats
+    (per-port multicast counters, ~300 bytes) comes along because the kernel has no finer filter for it."""
     _need(off, end, 28, "if_stats_msg")
     _family, index, _mask = _STATS_HDR.unpack_from(data, off + 16)
-    a = off + 28
-    while a + 4 <= end:
-        alen, atype = _NLA.unpack_from(data, a)
-        if alen < 4:
-            break
-        if atype == IFLA_STATS_LINK_64 and alen >= 4 + 64:
-            return index, Counters._make(_STATS8.unpack_from(data, a + 4))
-        a += (alen + 3) & ~3
-    return None
+    at = _attrs(data, off + 28, end)
+    a = at.get(IFLA_STATS_LINK_64)
+    if a is None or a[1] - a[0] < 64:
+        return None
+    stp = None
+    if (x := at.get(IFLA_STATS_LINK_XSTATS_SLAVE)) is not None:
+        if (b := _attrs(data, x[0], x[1]).get(LINK_XSTATS_TYPE_BRIDGE)) is not None:
+            if (s := _attrs(data, b[0], b[1]).get(BRIDGE_XSTATS_STP)) is not None and s[1] - s[0] >= 48:
+                stp = StpCounters._make(_STP6.unpack_from(data, s[0]))
+    return index, Counters._make(_STATS8.unpack_from(data, a[0])), stp
 
 
 def fdb_type(state: int) -> int:
@@ -406,21 +485,125 @@ def fdb_from_dump(chunks: list[bytes]) -> dict[tuple[int, str, int], tuple[int, 
     return table
 
 
-def stats_from_dump(chunks: list[bytes]) -> dict[int, Counters]:
+def stats_from_dump(chunks: list[bytes], stp: dict[int, StpCounters] | None = None) -> dict[int, Counters]:
+    """{ifindex: Counters}; bridge ports' STP xstats go into `stp` when given."""
     out: dict[int, Counters] = {}
-    hdr, s8, nla = _STATS_HDR.unpack_from, _STATS8.unpack_from, _NLA.unpack_from
-    make = Counters._make
+    hdr, s8, nla, s6 = _STATS_HDR.unpack_from, _STATS8.unpack_from, _NLA.unpack_from, _STP6.unpack_from
+    make, make_stp = Counters._make, StpCounters._make
     for chunk in chunks:
         for typ, _f, _s, off, end in iter_messages(chunk):
             if typ != RTM_NEWSTATS:
                 continue
-            # Fast path for the layout we asked for: if_stats_msg, then one IFLA_STATS_LINK_64 attribute.
-            if end - off >= 28 + 4 + 64 and nla(chunk, off + 28)[1] == IFLA_STATS_LINK_64:
-                out[hdr(chunk, off + 16)[1]] = make(s8(chunk, off + 32))
+            # Fast path for the layout the kernel sends (rtnl_fill_statsinfo): if_stats_msg, IFLA_STATS_LINK_64,
+            # then for bridge ports IFLA_STATS_LINK_XSTATS_SLAVE > LINK_XSTATS_TYPE_BRIDGE > [PAD] STP, MCAST.
+            # A linear walk without dicts: ~2 us a port instead of ~7 (1000 ports per scrape).
+            alen, atype = nla(chunk, off + 28) if end - off >= 32 else (0, 0)
+            if atype == IFLA_STATS_LINK_64 and alen >= 4 + 64 and off + 28 + alen <= end:
+                index = hdr(chunk, off + 16)[1]
+                out[index] = make(s8(chunk, off + 32))
+                x = off + 28 + ((alen + 3) & ~3)
+                if stp is None or x + 8 > end:
+                    continue
+                xlen, xtype = nla(chunk, x)
+                blen, btype = nla(chunk, x + 4)
+                if xtype & NLA_TYPE_MASK != IFLA_STATS_LINK_XSTATS_SLAVE or btype & NLA_TYPE_MASK != \
+                        LINK_XSTATS_TYPE_BRIDGE or x + 4 + blen > end:
+                    continue
+                c, cend = x + 8, x + 4 + blen
+                while c + 4 <= cend:
+                    clen, ctype = nla(chunk, c)
+                    if clen < 4:
+                        break
+                    if ctype & NLA_TYPE_MASK == BRIDGE_XSTATS_STP:
+                        if clen >= 4 + 48 and c + clen <= cend:
+                            stp[index] = make_stp(s6(chunk, c + 4))
+                        break
+                    c += (clen + 3) & ~3
             else:
                 r = parse_stats(chunk, off, end)
                 if r is not None:
                     out[r[0]] = r[1]
+                    if stp is not None and r[2] is not None:
+                        stp[r[0]] = r[2]
+    return out
+
+
+def parse_qdisc(data: bytes, off: int, end: int) -> tuple[int, Qdisc] | None:
+    """An RTM_NEWQDISC: (ifindex, Qdisc) of a root qdisc (parent TC_H_ROOT), None for any other."""
+    _family, index, _handle, parent, _info = _TCM.unpack_from(data, off + 16)
+    if parent != TC_H_ROOT:
+        return None  # a child of a classful qdisc, mq's per-queue ones, ingress/clsact
+    # Linear walks for the two attributes we read (TCA_KIND, TCA_STATS2 and inside it BASIC, QUEUE, PKT64): the
+    # options and xstats around them are skipped without building dicts.
+    nla = _NLA.unpack_from
+    kind = None
+    a = off + 36
+    s2 = s2_end = 0
+    while a + 4 <= end:
+        alen, atype = nla(data, a)
+        if alen < 4 or a + alen > end:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == TCA_KIND:
+            kind = data[a + 4:a + alen].split(b"\0", 1)[0].decode("ascii", "replace")
+        elif atype == TCA_STATS2:
+            s2, s2_end = a + 4, a + alen
+        a += (alen + 3) & ~3
+    if kind is None or not s2:
+        return None
+    nbytes = packets = qlen = backlog = drops = requeues = overlimits = 0
+    pkt64 = None
+    a = s2
+    while a + 4 <= s2_end:
+        alen, atype = nla(data, a)
+        if alen < 4 or a + alen > s2_end:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == TCA_STATS_BASIC and alen >= 4 + 12:
+            nbytes, packets = _BASIC.unpack_from(data, a + 4)
+        elif atype == TCA_STATS_QUEUE and alen >= 4 + 20:
+            qlen, backlog, drops, requeues, overlimits = _QUEUE.unpack_from(data, a + 4)
+        elif atype == TCA_STATS_PKT64 and alen >= 4 + 8:
+            pkt64 = struct.unpack_from("=Q", data, a + 4)[0]  # the kernel adds it once packets pass 2^32
+        a += (alen + 3) & ~3
+    return index, Qdisc(kind, nbytes, pkt64 if pkt64 is not None else packets, drops, overlimits, requeues, qlen,
+                        backlog)
+
+
+def qdiscs_from_dump(chunks: list[bytes], cache: dict[int, tuple[bytes, Qdisc]] | None = None
+                     ) -> dict[int, Qdisc]:
+    """{ifindex: root Qdisc}. With `cache` (kept by the caller across scrapes), a message whose bytes are the same
+    as last time is not decoded again: an idle port's qdisc (most of them) costs a compare, not a walk (~0.5 us
+    instead of ~3.5 us at 1000 ports). The cache is replaced by this dump's entries."""
+    out: dict[int, Qdisc] = {}
+    seen: dict[int, tuple[bytes, Qdisc]] = {}
+    tcm = _TCM.unpack_from
+    for chunk in chunks:
+        for typ, _f, _s, off, end in iter_messages(chunk):
+            if typ != RTM_NEWQDISC or end - off < 36:
+                continue
+            if cache is None:
+                r = parse_qdisc(chunk, off, end)
+                if r is not None:
+                    out[r[0]] = r[1]
+                continue
+            _family, index, _handle, parent, _info = tcm(chunk, off + 16)
+            if parent != TC_H_ROOT:
+                continue
+            raw = chunk[off:end]
+            old = cache.get(index)
+            if old is not None and old[0] == raw:
+                q = old[1]
+            else:
+                r = parse_qdisc(raw, 0, len(raw))
+                if r is None:
+                    continue
+                q = r[1]
+            out[index] = q
+            seen[index] = (raw, q)
+    if cache is not None:
+        cache.clear()
+        cache.update(seen)
     return out
 
 
@@ -439,11 +622,12 @@ def neighbours_from_dump(chunks: list[bytes], links: dict[int, Link]) -> list[Ne
     return out
 
 
-def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None
-                 ) -> bool:
+def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None,
+                 moves: dict[int, int] | None = None, moved: list | None = None) -> bool:
     """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
     `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked. True if it held a link
-    notification (a device added, removed or changed)."""
+    notification (a device added, removed or changed). `moves` counts, per ifindex, learned entries that moved
+    onto it from another port; `moved` collects them as (key, from, to)."""
     link_seen = False
     for typ, _f, _s, off, end in iter_messages(chunk):
         if typ in (RTM_NEWLINK, RTM_DELLINK):
@@ -463,18 +647,42 @@ def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str,
                 continue
             if typ == RTM_DELLINK:
                 links.pop(l.index, None)
+                if moves is not None:
+                    moves.pop(l.index, None)  # its series goes with it; an ifindex reused later starts at 0
             else:
                 links[l.index] = l
         elif fdb is not None and typ in (RTM_NEWNEIGH, RTM_DELNEIGH):
             e = parse_fdb(chunk, off, end)
             if e is None:
                 continue
-            # Keyed by (bridge, mac, vlan): a learned MAC that moves to another port comes as one NEWNEIGH, no DEL.
+            # Keyed by (bridge, mac, vlan): a learned MAC that moves to another port comes as one NEWNEIGH, no DEL
+            # (br_fdb_update: fdb->dst changes, fdb_notify(RTM_NEWNEIGH)).
+            key = (e.master, e.mac, e.vlan)
             if typ == RTM_NEWNEIGH:
-                fdb[(e.master, e.mac, e.vlan)] = (e.ifindex, e.type)
+                old = fdb.get(key)
+                fdb[key] = (e.ifindex, e.type)
+                if (moves is not None and old is not None and old[0] != e.ifindex and old[1] == LEARNED
+                        and e.type == LEARNED and e.ifindex != e.master and old[0] != e.master):
+                    moves[e.ifindex] = moves.get(e.ifindex, 0) + 1
+                    if moved is not None:
+                        moved.append((key, old[0], e.ifindex))
             else:
-                fdb.pop((e.master, e.mac, e.vlan), None)
+                fdb.pop(key, None)
     return link_seen
+
+
+def count_moves(old: dict[tuple[int, str, int], tuple[int, int]], new: dict[tuple[int, str, int], tuple[int, int]],
+                moves: dict[int, int]) -> int:
+    """After a resync: learned entries on another port than before count one move each (the ones between, lost
+    with the events that overflowed, are not known). Returns how many."""
+    n = 0
+    for key, (ifindex, typ) in new.items():
+        o = old.get(key)
+        if o is not None and typ == LEARNED and o[1] == LEARNED and o[0] != ifindex and ifindex != key[0] \
+                and o[0] != key[0]:
+            moves[ifindex] = moves.get(ifindex, 0) + 1
+            n += 1
+    return n
 
 
 def fdb_counts(fdb: dict[tuple[int, str, int], tuple[int, int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -489,10 +697,14 @@ def fdb_counts(fdb: dict[tuple[int, str, int], tuple[int, int]]) -> tuple[dict[i
 
 def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters] | None,
                    fdb: dict[tuple[int, str, int], tuple[int, int]] | None,
-                   counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None) -> BridgeSnapshot:
+                   counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None,
+                   stp: dict[int, StpCounters] | None = None, qdiscs: dict[int, Qdisc] | None = None,
+                   bridges_now: dict[int, Link] | None = None, moves: dict[int, int] | None = None) -> BridgeSnapshot:
     """Join topology, counters and FDB into bridges and their ports. A device missing from `stats` vanished between
     the dumps and is left out (it will be gone from the next topology too). `fdb` maps (master, mac, vlan) to
-    (ifindex, type); None when FDB sizes were not asked for. `counts` is fdb_counts(fdb) if the caller has it."""
+    (ifindex, type); None when FDB sizes were not asked for. `counts` is fdb_counts(fdb) if the caller has it.
+    `stp` and `qdiscs` are per-ifindex (from the same scrape's dumps); `bridges_now` holds this scrape's bridge
+    links (fresh root and learned count; else the event-kept ones are used); `moves` the FDB moves per port."""
     per_dev: dict[int, list[int]] = {}
     per_br: dict[int, list[int]] = {}
     if fdb is not None:
@@ -504,8 +716,10 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
             st = stats.get(l.index) if stats is not None else empty
             if st is None:
                 continue
+            now = bridges_now.get(l.index, l) if bridges_now is not None else l
             bridges[l.index] = Bridge(l.index, l.name, l.mac, l.flags, l.carrier_changes, bool(l.stp_enabled), st,
-                                      fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None)
+                                      fdb=FdbCounts(*per_br.get(l.index, (0, 0, 0))) if fdb is not None else None,
+                                      info=now.br or BridgeInfo())
     macvtaps: list[Port] = []
     for l in links.values():
         br = bridges.get(l.master) if l.master else None
@@ -519,7 +733,10 @@ def build_snapshot(netns: str, links: dict[int, Link], stats: dict[int, Counters
         if st is None:
             continue
         br.ports.append(Port(l.index, l.name, l.kind, l.mac, l.flags, l.carrier_changes, l.stp_state or 0, st,
-                             fdb=FdbCounts(*per_dev.get(l.index, (0, 0, 0))) if fdb is not None else None))
+                             fdb=FdbCounts(*per_dev.get(l.index, (0, 0, 0))) if fdb is not None else None,
+                             txqlen=l.txqlen, stp=stp.get(l.index) if stp is not None else None,
+                             qdisc=qdiscs.get(l.index) if qdiscs is not None else None,
+                             fdb_moves=moves.get(l.index, 0) if moves is not None and fdb is not None else None))
     out = sorted(bridges.values(), key=lambda b: b.name)
     for b in out:
         b.ports.sort(key=lambda p: p.name)
@@ -535,7 +752,11 @@ def _request(typ: int, seq: int, body: bytes) -> bytes:
 
 
 _LINK_REQ = _IFI.pack(AF_UNSPEC, 0, 0, 0, 0) + _NLA.pack(8, IFLA_EXT_MASK) + _U32.pack(RTEXT_FILTER_SKIP_STATS)
-_STATS_REQ = _STATS_HDR.pack(AF_UNSPEC, 0, 1 << (IFLA_STATS_LINK_64 - 1))
+_STATS_REQ = _STATS_HDR.pack(AF_UNSPEC, 0, (1 << (IFLA_STATS_LINK_64 - 1)) | (1 << (IFLA_STATS_LINK_XSTATS_SLAVE - 1)))
+# Only the bridges: the kernel filters a link dump by IFLA_LINKINFO/IFLA_INFO_KIND (rtnl_dump_ifinfo), as
+# `ip link show type bridge` does.
+_BRIDGES_REQ = _LINK_REQ + _NLA.pack(4 + 12, IFLA_LINKINFO) + _NLA.pack(11, IFLA_INFO_KIND) + b"bridge\0\0"
+_QDISC_REQ = _TCM.pack(AF_UNSPEC, 0, 0, 0, 0)
 _FDB_REQ = _NDM.pack(AF_BRIDGE, 0, 0, 0, 0)
 _NEIGH_REQ = _NDM.pack(AF_UNSPEC, 0, 0, 0, 0)
 
@@ -599,6 +820,9 @@ class NetlinkSource:
         self._fdb: dict[tuple[int, str, int], tuple[int, int]] | None = None  # None: FDB not tracked (yet)
         self._counts: tuple[dict[int, list[int]], dict[int, list[int]]] | None = None  # fdb_counts(_fdb), cached
         self._synced_at = 0.0
+        self._moves: dict[int, int] = {}  # ifindex -> learned FDB entries that moved onto it (kept across resyncs)
+        self._qdisc_cache: dict[int, tuple[bytes, Qdisc]] = {}
+        self._move_logged: dict[tuple[int, str, int], float] = {}
         self.resyncs = 0  # full dumps done (start, ENOBUFS, periodic, namespace recreated)
         self.link_generation = 0  # bumped by every batch of link events and every resync: see links_changed()
         self.dumps_interrupted = 0  # dumps that came back with NLM_F_DUMP_INTR (each retry counts)
@@ -606,16 +830,27 @@ class NetlinkSource:
 
     # -- public ---------------------------------------------------------------------------------------------
     def snapshot(self, stats: bool = True, fdb: bool = True) -> BridgeSnapshot:
-        """Bridges and ports now. `stats=False` skips the counter dump (zeros); `fdb=False` leaves FDB counts None
-        and, if nobody ever asks for them, never subscribes to or dumps the FDB."""
+        """Bridges and ports now. `stats=False` skips the counter, STP xstats and qdisc dumps (zeros, None);
+        `fdb=False` leaves FDB counts and moves None and, if nobody ever asks for them, never subscribes to or
+        dumps the FDB. The bridges' own state (root, learned count and limit) is re-read every time."""
         with self._lock:
             self._refresh(fdb)
-            counters = self._decode(stats_from_dump, self._dump(RTM_GETSTATS, _STATS_REQ)) if stats else None
+            bridges_now = self._decode(links_from_dump, self._dump(RTM_GETLINK, _BRIDGES_REQ))
+            stp: dict[int, StpCounters] | None = None
+            qdiscs = None
+            counters = None
+            if stats:
+                stp = {}
+                counters = self._decode(lambda c: stats_from_dump(c, stp), self._dump(RTM_GETSTATS, _STATS_REQ))
+                qdiscs = self._decode(lambda c: qdiscs_from_dump(c, self._qdisc_cache),
+                                      self._dump(RTM_GETQDISC, _QDISC_REQ))
             if not fdb or self._fdb is None:
-                return build_snapshot(self.netns, self._links, counters, None)
+                return build_snapshot(self.netns, self._links, counters, None, stp=stp, qdiscs=qdiscs,
+                                      bridges_now=bridges_now)
             if self._counts is None:  # counting 20k entries is ~2 ms: only after the table changed
                 self._counts = fdb_counts(self._fdb)
-            return build_snapshot(self.netns, self._links, counters, self._fdb, self._counts)
+            return build_snapshot(self.netns, self._links, counters, self._fdb, self._counts, stp=stp,
+                                  qdiscs=qdiscs, bridges_now=bridges_now, moves=self._moves)
 
     def learned_macs_by_port(self) -> dict[str, list[str]]:
         """Dynamic (learned) bridge FDB entries: {port device: sorted MACs}. From the event-maintained table,
@@ -658,6 +893,8 @@ class NetlinkSource:
         self._links = {}
         self._fdb = None
         self._counts = None
+        self._moves = {}  # ifindexes mean nothing in a reopened (possibly new) namespace
+        self._qdisc_cache = {}
 
     def _close_request_socket(self) -> None:
         """After a timeout or socket error the request socket may hold the rest of a dump: drop it alone. The
@@ -716,7 +953,13 @@ class NetlinkSource:
         self._drain_events(apply=False)
         links = self._decode(links_from_dump, self._dump(RTM_GETLINK, _LINK_REQ))
         fdb = self._decode(fdb_from_dump, self._dump(RTM_GETNEIGH, _FDB_REQ)) if want_fdb else None
+        old = self._fdb
         self._links, self._fdb = links, fdb
+        for gone in [i for i in self._moves if i not in links]:
+            del self._moves[gone]
+        if old is not None and fdb is not None and (n := count_moves(old, fdb, self._moves)):
+            log.info("event=fdb_moves_after_resync netns=%s moved=%d note=%s", self.netns or '""', n,
+                     "moves between the two tables were lost with the dropped events; each counts once")
         self._counts = None
         self._synced_at = time.monotonic()
         self.resyncs += 1
@@ -743,8 +986,10 @@ class NetlinkSource:
                 return ok  # the peer of a test's socketpair closed
             if not apply:
                 continue
+            moved = None
             try:
-                if apply_events(chunk, links, fdb):
+                moved = []
+                if apply_events(chunk, links, fdb, self._moves, moved):
                     self.link_generation += 1
             except (Malformed, struct.error, IndexError, ValueError) as exc:
                 self.errors += 1
@@ -752,6 +997,22 @@ class NetlinkSource:
                             str(exc))
                 ok = apply = False
             self._counts = None
+            if moved:
+                self._log_moves(moved)
+
+    def _log_moves(self, moved: list) -> None:
+        """One line per moving (bridge, MAC, VLAN) per 10 s: the alert names the ports, this names the MAC."""
+        now = time.monotonic()
+        logged = self._move_logged
+        if len(logged) > 4096:
+            self._move_logged = logged = {k: t for k, t in logged.items() if now - t < 10}
+        for key, old, new in moved:
+            if now - logged.get(key, -1e9) < 10:
+                continue
+            logged[key] = now
+            name = lambda i: (l.name if (l := self._links.get(i)) is not None else str(i))  # noqa: E731
+            log.info("event=fdb_move netns=%s bridge=%s mac=%s vlan=%d from=%s to=%s", self.netns or '""',
+                     name(key[0]), key[1], key[2], name(old), name(new))
 
     def _decode(self, fn: Callable[[list[bytes]], Any], chunks: list[bytes]) -> Any:
         try:

@@ -18,7 +18,16 @@ The lab (namespaces built here with `ip`, uniquely named, removed afterwards):
                                                                                  -> KvmnetTapRemoved (+ GuestDown)
       taph -- vmh    10.77.0.25  tap guest hangs (SIGSTOP) while the host sends it 50 packets/s
                                                                                  -> KvmnetPortDropsRising (+ GuestDown)
+      kdp7 -- gcl1   10.77.0.17  light guests: a made-up MAC sent from both, in turn (a cloned guest)
+      kdp8 -- gcl2   10.77.0.18                                                  -> KvmnetFdbMacFlapping (both ports)
+      tapq -- vmq    10.77.0.26  tap guest (not in the lab: named from its command line, not pinged), shaped with
+                                 tbf 200kbit while the host sends it 1.1 Mbit/s  -> KvmnetPortQdiscDrops
+      tapc -- vmc    10.77.0.27  started at fault time, its command line claiming vmq's MAC (a clone; a lab file
+                                 refuses duplicate MACs)                         -> KvmnetGuestMacConflict (vmq, vmc)
+    lim0: a bridge with fdb_max_learned 64; frames from 100 MACs on its port lima -> KvmnetBridgeFdbLimitReached,
+                                                                                 KvmnetBridgeFdbNearLimit (its own limit)
     stpa, stpb: two STP bridges joined twice (a loop), made at fault time       -> KvmnetStpPortBlocking
+    stpc: joined to stpa, made root 20s later (priority 0)                       -> KvmnetStpRootChanged (all three)
     a second watched namespace, deleted                                           -> KvmnetCollectorFailing
     the exporter itself, killed last                                              -> KvmnetExporterDown
 
@@ -43,6 +52,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -66,19 +76,24 @@ BASELINE = 200          # seconds of healthy history before the faults (see Kvmn
 LOOKBACK = 240          # the range the dashboard queries cover, as a Grafana time range "last 4 minutes"
 SCRAPE = 1              # seconds: the datasource's scrape interval setting in Grafana
 FDB_FLOOD = 3400        # made-up MACs from vmf: > 80% of kvmnet:fdb_learned_limit (4096)
+FDB_LIMIT = 64          # lim0's fdb_max_learned; 100 MACs are offered
 
 LIGHT = [("gok", "kdp1", "10.77.0.11", "02:00:00:77:00:11"),
          ("gdown", "kdp2", "10.77.0.12", "02:00:00:77:00:12"),
          ("gloss", "kdp3", "10.77.0.13", "02:00:00:77:00:13"),
          ("gnic", "kdp4", "10.77.0.14", "02:00:00:77:00:14"),
          ("gflap", "kdp5", "10.77.0.15", "02:00:00:77:00:15"),
-         ("gbad", "kdp6", "10.77.0.16", "02:00:00:77:00:16")]
+         ("gbad", "kdp6", "10.77.0.16", "02:00:00:77:00:16"),
+         ("gcl1", "kdp7", "10.77.0.17", "02:00:00:77:00:17"),
+         ("gcl2", "kdp8", "10.77.0.18", "02:00:00:77:00:18")]
 TAPS = [("vmk", "tapk", "10.77.0.21", "02:00:00:77:00:21"),
         ("vms", "taps", "10.77.0.22", "02:00:00:77:00:22"),
         ("vmf", "tapf", "10.77.0.23", "02:00:00:77:00:23"),
         ("vmr", "tapr", "10.77.0.24", "02:00:00:77:00:24"),
         ("vmh", "taph", "10.77.0.25", "02:00:00:77:00:25")]
-PERSISTENT = {"tapk", "taps", "tapf", "taph"}  # tapr is made by its process, as QEMU makes an ifname= tap, and goes with it
+PERSISTENT = {"tapk", "taps", "tapf", "taph", "tapq"}  # tapr is made by its process, as QEMU makes an ifname= tap
+SHAPED = ("vmq", "tapq", "10.77.0.26", "02:00:00:77:00:26")  # a tap guest kept out of the lab file: not pinged
+CLONE = ("vmc", "tapc", "10.77.0.27", "02:00:00:77:00:27")   # started at fault time with SHAPED's MAC in its argv
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -127,27 +142,22 @@ class LiveLab:
             sh("ip", "-n", h, "link", "set", port, "master", "br0", "up")
         exe = self.tmp / "qemu-system-x86_64"  # /proc/PID/cmdline then reads like QEMU's
         exe.symlink_to(os.path.realpath(sys.executable))
-        for name, tap, addr, mac in TAPS:
+        for name, tap, addr, mac in TAPS + [SHAPED]:
             if tap in PERSISTENT:  # as kvmnet-setup makes them
                 sh("ip", "-n", h, "tuntap", "add", "dev", tap, "mode", "tap")
                 sh("ip", "-n", h, "link", "set", tap, "master", "br0", "up")
-            env = {**os.environ, "KVMNET_TEST_FLOOD": str(FDB_FLOOD if name == "vmf" else 40)}
-            p = subprocess.Popen(["ip", "netns", "exec", h, str(exe), str(TAP_GUEST), tap, addr, mac,
-                                  "-name", name, "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-                                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
-                                 stdout=subprocess.PIPE, text=True, env=env)
-            assert p.stdout.readline().strip() == "ready", f"tap guest {name} did not start"
-            self.procs[name] = p
-            if tap not in PERSISTENT:  # what QEMU's ifup script does
-                sh("ip", "-n", h, "link", "set", tap, "master", "br0", "up")
-        lab = {"name": self.host, "mode": "netns", "namespaces": {"host": h},
-               "bridges": [{"name": "br0", "address": "10.77.0.1/24"}],
-               "taps": [{"name": tap} for _, tap, _, _ in TAPS if tap in PERSISTENT],
-               "guests": [{"name": n, "kind": "netns", "netns": self.guest_ns[n], "tap": port, "bridge": "br0",
-                           "mac": mac, "address": f"{addr}/24"} for n, port, addr, mac in LIGHT]
-               + [{"name": n, "kind": "qemu", "tap": tap, "bridge": "br0", "mac": mac, "address": f"{addr}/24"}
-                  for n, tap, addr, mac in TAPS]}
-        (self.tmp / "lab.yaml").write_text(yaml.safe_dump(lab, sort_keys=False))
+            self.start_tap_guest(name, tap, addr, mac)
+        # lim0: a bridge with the kernel's FDB learning limit (set with rtnetlink, as kvmnet-setup does), one port.
+        sh("ip", "-n", h, "link", "add", "name", "lim0", "type", "bridge")
+        sh("ip", "-n", h, "link", "add", "name", "lima", "type", "veth", "peer", "name", "limb")
+        sh("ip", "-n", h, "link", "set", "lima", "master", "lim0", "up")
+        sh("ip", "-n", h, "link", "set", "limb", "up")
+        sh("ip", "-n", h, "link", "set", "lim0", "up")
+        from kvmnet.common.rtnl import Rtnl
+        r = Rtnl(h)
+        r.bridge_fdb_max_learned(r.links()["lim0"][0], FDB_LIMIT)
+        r.close()
+        self.write_lab()
         (self.tmp / "exporter.yml").write_text(yaml.safe_dump(
             {"netns": [self.extra], "probe": {"interval": "1s", "timeout": "1s", "discover": False}}))
 
@@ -250,6 +260,101 @@ class LiveLab:
                        "    except OSError:\n        pass\n"
                        "    time.sleep(0.02)\n")
         return f"guest {name} sends 50 VLAN-tagged frames/s to br0's MAC"
+
+    def write_lab(self) -> None:
+        """The lab file the exporter reads: light guests and tap guests (not SHAPED, not CLONE)."""
+        h = self.host
+        lab = {"name": h, "mode": "netns", "namespaces": {"host": h},
+               "bridges": [{"name": "br0", "address": "10.77.0.1/24"}],
+               "taps": [{"name": tap} for _, tap, _, _ in TAPS if tap in PERSISTENT],
+               "guests": [{"name": n, "kind": "netns", "netns": self.guest_ns[n], "tap": port, "bridge": "br0",
+                           "mac": mac, "address": f"{addr}/24"} for n, port, addr, mac in LIGHT]
+               + [{"name": n, "kind": "qemu", "tap": tap, "bridge": "br0", "mac": mac, "address": f"{addr}/24"}
+                  for n, tap, addr, mac in TAPS]}
+        (self.tmp / "lab.yaml").write_text(yaml.safe_dump(lab, sort_keys=False))
+
+    def fdb_limit(self) -> str:
+        """Frames from 100 made-up MACs into lim0 (limit 64), again every minute so that none ages out."""
+        self.python_in(self.host, "import socket, time\n"
+                       "s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('limb', 0))\n"
+                       "while True:\n"
+                       "    for i in range(100):\n"
+                       "        s.send(b'\\xff' * 6 + bytes([2, 0xdd, 0, 0, 0, i]) + b'\\x88\\xb5' + bytes(46))\n"
+                       "    time.sleep(60)\n")
+        return f"frames from 100 MACs into lim0 (fdb_max_learned {FDB_LIMIT})"
+
+    def mac_flap(self, a: str, b: str) -> str:
+        """One made-up MAC sent from two guests in turn, twice a second: the bridge moves it between their ports."""
+        from kvmnet.common import netns as kvm_netns
+        socks = []
+        for g in (a, b):
+            s = kvm_netns.socket_in(self.guest_ns[g], socket.AF_PACKET, socket.SOCK_RAW)
+            s.bind(("eth0", 0))
+            socks.append(s)
+        frame = b"\xff" * 6 + bytes.fromhex("02dd00000099") + b"\x88\xb5" + bytes(46)
+
+        def run():
+            while not self.stop.is_set():
+                for s in socks:
+                    try:
+                        s.send(frame)
+                    except OSError:
+                        pass
+                    self.stop.wait(0.5)
+            for s in socks:
+                s.close()
+        threading.Thread(target=run, daemon=True).start()
+        return f"one MAC from {a} and {b} in turn, twice a second"
+
+    def start_tap_guest(self, name: str, tap: str, addr: str, mac: str, claimed_mac: str | None = None) -> None:
+        env = {**os.environ, "KVMNET_TEST_FLOOD": str(FDB_FLOOD if name == "vmf" else 40)}
+        p = subprocess.Popen(["ip", "netns", "exec", self.host, str(self.tmp / "qemu-system-x86_64"), str(TAP_GUEST),
+                              tap, addr, mac, "-name", name, "-netdev",
+                              f"tap,id=n0,ifname={tap},script=no,downscript=no",
+                              "-device", f"virtio-net-pci,netdev=n0,mac={claimed_mac or mac}"],
+                             stdout=subprocess.PIPE, text=True, env=env)
+        assert p.stdout.readline().strip() == "ready", f"tap guest {name} did not start"
+        self.procs[name] = p
+        if tap not in PERSISTENT:  # what QEMU's ifup script does
+            sh("ip", "-n", self.host, "link", "set", tap, "master", "br0", "up")
+
+    def mac_conflict(self) -> str:
+        """A clone of vmq starts: its QEMU command line claims vmq's MAC (it really sends from its own)."""
+        name, tap, addr, mac = CLONE
+        self.start_tap_guest(name, tap, addr, mac, claimed_mac=SHAPED[3])
+        return f"guest {name} started with -device ...,mac={SHAPED[3]} ({SHAPED[0]}'s)"
+
+    def shape(self) -> str:
+        """tbf 200kbit on tapq while the host sends its guest 100 packets/s of 1400 bytes: the qdisc drops."""
+        name, tap, addr, mac = SHAPED
+        h = self.host
+        sh("ip", "netns", "exec", h, "tc", "qdisc", "add", "dev", tap, "root", "tbf", "rate", "200kbit", "burst",
+           "1600", "limit", "3000")
+        sh("bridge", "-n", h, "fdb", "add", mac, "dev", tap, "master", "static")  # no flooding to other ports
+        sh("ip", "-n", h, "neigh", "replace", addr, "lladdr", mac, "dev", "br0", "nud", "permanent")
+        self.python_in(h, "import socket, time\n"
+                       "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                       "while True:\n"
+                       f"    try:\n        s.sendto(b'x' * 1372, ('{addr}', 9))\n"
+                       "    except OSError:\n        pass\n"
+                       "    time.sleep(0.01)\n")
+        return f"tbf 200kbit on {tap}, the host sends {name} 1.1 Mbit/s"
+
+    def stp_root_change(self) -> str:
+        """stpc joins stpa (one link); 20 s later it gets priority 0 and becomes the root of all three."""
+        h = self.host
+        sh("ip", "-n", h, "link", "add", "name", "stpc", "type", "bridge", "stp_state", "1", "forward_delay", "200",
+           "hello_time", "100")
+        sh("ip", "-n", h, "link", "add", "name", "sc1", "type", "veth", "peer", "name", "sa3")
+        sh("ip", "-n", h, "link", "set", "sc1", "master", "stpc", "up")
+        sh("ip", "-n", h, "link", "set", "sa3", "master", "stpa", "up")
+        sh("ip", "-n", h, "link", "set", "stpc", "up")
+
+        def run():
+            if not self.stop.wait(20):
+                sh("ip", "-n", h, "link", "set", "stpc", "type", "bridge", "priority", "0")
+        threading.Thread(target=run, daemon=True).start()
+        return "stpc joined to stpa, priority 0 after 20s: the root moves"
 
     def stp_loop(self) -> str:
         """Two STP bridges joined twice: spanning tree blocks one of the second bridge's ports."""
@@ -492,6 +597,17 @@ EXPECTED = {
     "vmh-down": ("KvmnetGuestDown", {"guest": "vmh"}, 60 + 3 + 30),
     "gbad": ("KvmnetBridgeDropsRising", {"bridge": "br0"}, 300 + 10 + 40),
     "stp": ("KvmnetStpPortBlocking", {"bridge": "stpb", "state": "blocking"}, 120 + 10 + 40),
+    # Bridge internals.
+    "lim0": ("KvmnetBridgeFdbLimitReached", {"bridge": "lim0"}, 60 + 2 + 30),
+    "lim0-near": ("KvmnetBridgeFdbNearLimit", {"bridge": "lim0", "type": "learned"}, 300 + 5 + 40),
+    "gcl1": ("KvmnetFdbMacFlapping", {"device": "kdp7", "guest": "gcl1"}, 60 + 10 + 30),
+    "gcl2": ("KvmnetFdbMacFlapping", {"device": "kdp8", "guest": "gcl2"}, 60 + 10 + 30),
+    "vmq-mac": ("KvmnetGuestMacConflict", {"device": "tapq", "guest": "vmq"}, 60 + 5 + 30),
+    "vmc-mac": ("KvmnetGuestMacConflict", {"device": "tapc", "guest": "vmc"}, 60 + 5 + 30),
+    "vmq": ("KvmnetPortQdiscDrops", {"device": "tapq", "bridge": "br0"}, 120 + 10 + 40),
+    "stpa-root": ("KvmnetStpRootChanged", {"bridge": "stpa"}, 20 + 10 + 30),
+    "stpb-root": ("KvmnetStpRootChanged", {"bridge": "stpb"}, 20 + 10 + 30),
+    "stpc-root": ("KvmnetStpRootChanged", {"bridge": "stpc"}, 20 + 10 + 30),
 }
 
 
@@ -517,6 +633,11 @@ def test_each_fault_raises_its_own_alert(live):
     how = lab.hang("vmh", "10.77.0.25", "02:00:00:77:00:25"); faults["vmh"] = faults["vmh-down"] = (how, time.time())
     how = lab.frames_host_drops("gbad"); faults["gbad"] = (how, time.time())
     how = lab.stp_loop(); faults["stp"] = (how, time.time())
+    how = lab.stp_root_change(); faults["stpa-root"] = faults["stpb-root"] = faults["stpc-root"] = (how, time.time())
+    how = lab.fdb_limit(); faults["lim0"] = faults["lim0-near"] = (how, time.time())
+    how = lab.mac_flap("gcl1", "gcl2"); faults["gcl1"] = faults["gcl2"] = (how, time.time())
+    how = lab.mac_conflict(); faults["vmq-mac"] = faults["vmc-mac"] = (how, time.time())
+    how = lab.shape(); faults["vmq"] = (how, time.time())
 
     fired: dict[str, float] = {}
     unexpected: dict[tuple, dict] = {}
@@ -538,6 +659,14 @@ def test_each_fault_raises_its_own_alert(live):
     for k, (name, want, limit) in EXPECTED.items():
         t = f"{fired[k]:.1f}s" if k in fired else f"NOT FIRED in {limit}s"
         report.append(f"{name:<26} {json.dumps(want):<56} {faults[k][0]:<78} {t}")
+    # What a 5m `for:` is sensitive to: a failed scrape (stale series end a pending alert) or a failing collector.
+    span = f"{int(time.time() - t0) + 60}s"
+    for q in (f"count_over_time(up[{span}]) - sum_over_time(up[{span}])",
+              f"max_over_time(scrape_duration_seconds[{span}])",
+              f"count_over_time((kvmnet_scrape_collector_success == 0)[{span}:1s])",
+              f"max_over_time(kvmnet_scrape_collector_duration_seconds[{span}])"):
+        report.append(f"{q}: " + ", ".join(f"{r['metric'].get('collector', '')}{r['metric'].get('netns', '')}="
+                                           f"{float(r['value'][1]):.3g}" for r in prom.query(q)))
     print("\n".join(report))
     (Path(prom.tmp) / "time_to_fire.txt").write_text("\n".join(report) + "\n")
     missing = [k for k in EXPECTED if k not in fired]

@@ -1,6 +1,6 @@
 """A fake rtnetlink kernel for the unit tier: NetlinkSource's real I/O code against recorded dumps, without root.
 
-    kernel = FakeKernel()                              # serves tests/unit/data/{links,fdb,stats,neigh}.bin
+    kernel = FakeKernel()                              # serves tests/unit/data/{links,fdb,stats,neigh,qdisc,bridges}.bin
     src = NetlinkSource("", socket_factory=kernel.factory)
     kernel.script[RTM_GETSTATS] = ["intr", "ok"]       # what the next requests of that type get
     kernel.event(events_bytes)                         # a datagram on the event socket
@@ -126,7 +126,10 @@ class FakeKernel:
         if mode == "error":
             return [error(seq, errno.EOPNOTSUPP, req)]
         flags = rtnl.NLM_F_MULTI | (rtnl.NLM_F_DUMP_INTR if mode == "intr" else 0)
-        msgs = [renumber(m, seq, flags) for m in messages(self.dumps[(typ, family)])]
+        key = (typ, family)
+        if typ == rtnl.RTM_GETLINK and len(req) > 40 and (typ, family, "kind") in self.dumps:
+            key = (typ, family, "kind")  # a dump filtered by IFLA_INFO_KIND (the bridges only)
+        msgs = [renumber(m, seq, flags) for m in messages(self.dumps[key])]
         if mode == "malformed":
             msgs.insert(0, malformed_link(seq))
         if mode == "overrun":
@@ -162,4 +165,5 @@ def recorded() -> dict[tuple[int, int], bytes]:
     """The recorded dumps, by (request type, family) as NetlinkSource asks for them."""
     read = lambda n: (DATA / f"{n}.bin").read_bytes()  # noqa: E731
     return {(rtnl.RTM_GETLINK, 0): read("links"), (rtnl.RTM_GETNEIGH, 7): read("fdb"),
-            (rtnl.RTM_GETSTATS, 0): read("stats"), (rtnl.RTM_GETNEIGH, 0): read("neigh")}
+            (rtnl.RTM_GETSTATS, 0): read("stats"), (rtnl.RTM_GETNEIGH, 0): read("neigh"),
+            (rtnl.RTM_GETQDISC, 0): read("qdisc"), (rtnl.RTM_GETLINK, 0, "kind"): read("bridges")}

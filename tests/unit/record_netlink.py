@@ -4,9 +4,9 @@
     KVMNET_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_netlink_parse.py   # then the golden file
 
 It builds a throwaway namespace (removed afterwards) whose contents are deterministic: fixed MACs, no IPv6, STP off
-on br0 and on (but idle) on br1, and known traffic: three 100-byte broadcast frames written into tap vm0 (the
+on br0 and on (but idle) on br1, an FDB learning limit of 64 on br0, a tbf root qdisc on ve0, and known traffic: three 100-byte broadcast frames written into tap vm0 (the
 bridge floods them: rx on vm0, tx_dropped on the taps nobody holds, rx on br0), so every counter field has a
-distinct value. Each file is the receive buffers of one request, back to back (netlink messages are
+distinct value. events.bin includes a learned MAC moving from vm8 to vm9. Each file is the receive buffers of one request, back to back (netlink messages are
 self-delimiting and 4-byte aligned). events.bin holds the notifications of a scripted change sequence.
 """
 from __future__ import annotations
@@ -66,6 +66,12 @@ def build(ns: str) -> int:
     ip(ns, "link", "set", "ve0p", "up")
     ip(ns, "link", "set", "br0", "up")
     ip(ns, "link", "set", "br1", "up")
+    from kvmnet.common.rtnl import Rtnl
+    r = Rtnl(ns)
+    r.bridge_fdb_max_learned(r.links()["br0"][0], 64)
+    r.close()
+    subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "ve0", "root", "tbf", "rate", "1mbit", "burst", "1600",
+                    "limit", "3000"], check=True)
     for i in range(3):
         bridge(ns, "fdb", "add", f"02:00:00:00:01:0{i}", "dev", "vm1", "master", "static")
     bridge(ns, "fdb", "add", "02:00:00:00:02:01", "dev", "vm0", "master", "permanent")
@@ -95,6 +101,8 @@ def main() -> None:
         DATA.mkdir(exist_ok=True)
         (DATA / "links.bin").write_bytes(dump(s, nl.RTM_GETLINK, nl._LINK_REQ))
         (DATA / "stats.bin").write_bytes(dump(s, nl.RTM_GETSTATS, nl._STATS_REQ))
+        (DATA / "bridges.bin").write_bytes(dump(s, nl.RTM_GETLINK, nl._BRIDGES_REQ))
+        (DATA / "qdisc.bin").write_bytes(dump(s, nl.RTM_GETQDISC, nl._QDISC_REQ))
         (DATA / "fdb.bin").write_bytes(dump(s, nl.RTM_GETNEIGH, nl._FDB_REQ))
         (DATA / "neigh.bin").write_bytes(dump(s, nl.RTM_GETNEIGH, nl._NEIGH_REQ))
         os.close(fd)
@@ -105,6 +113,19 @@ def main() -> None:
         # The scripted changes: a new tap joins br0 with a static entry; vm1's static entry goes; vm1 is deleted.
         ip(ns, "tuntap", "add", "dev", "vm9", "mode", "tap")
         ip(ns, "link", "set", "vm9", "address", "0a:00:00:00:00:09", "master", "br0", "up")
+        ip(ns, "tuntap", "add", "dev", "vm8", "mode", "tap")
+        ip(ns, "link", "set", "vm8", "address", "0a:00:00:00:00:08", "master", "br0", "up")
+        fds = []
+        with netns.entered(ns):
+            for tap in (b"vm8", b"vm9"):
+                fds.append(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+                fcntl.ioctl(fds[-1], TUNSETIFF, struct.pack("16sH", tap, IFF_TAP | IFF_NO_PI))
+        time.sleep(1.5)  # carrier
+        # One source MAC heard on vm8, then on vm9: one move onto vm9. (A port losing carrier flushes its learned
+        # entries, so a MAC from a closed tap would be learned anew, not moved.)
+        for fd in fds:
+            os.write(fd, bytes.fromhex("ffffffffffff" "0a0000000077" "88b5") + bytes(86))
+            time.sleep(0.2)
         bridge(ns, "fdb", "add", "02:00:00:00:09:01", "dev", "vm9", "master", "static")
         bridge(ns, "fdb", "del", "02:00:00:00:01:00", "dev", "vm1", "master")
         ip(ns, "link", "del", "vm1")
@@ -117,6 +138,8 @@ def main() -> None:
             except BlockingIOError:
                 break
         (DATA / "events.bin").write_bytes(b"".join(chunks))
+        for fd in fds:  # only now: a carrier loss would flush vm9's learned entry
+            os.close(fd)
         for f in sorted(DATA.glob("*.bin")):
             print(f"{f.relative_to(HERE.parents[1])}: {f.stat().st_size} bytes")
     finally:

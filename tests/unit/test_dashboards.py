@@ -253,6 +253,7 @@ def test_every_alert_is_annotated():
         assert r["labels"]["severity"] in ("critical", "warning", "info"), r["alert"]
         for key in ("summary", "description", "runbook_url"):  # runbooks: tests/unit/test_alerting.py
             assert r["annotations"].get(key), f"{r['alert']}: no {key}"
+        assert r["annotations"].get("runbook") or r["annotations"].get("runbook_url"), f"{r['alert']}: no runbook"
         text = r["annotations"]["summary"] + r["annotations"]["description"]
         # Names what is wrong: a guest, a device, a bridge, a collector or the exporter instance.
         assert re.search(r"\$labels\.(guest|device|bridge|collector|instance)", text), r["alert"]

@@ -19,9 +19,14 @@ from .fakenetlink import DATA, FakeKernel
 def expected(events: bool = False) -> nl.BridgeSnapshot:
     read = lambda n: [(DATA / f"{n}.bin").read_bytes()]  # noqa: E731
     links, fdb = nl.links_from_dump(read("links")), nl.fdb_from_dump(read("fdb"))
+    moves: dict[int, int] = {}
     if events:
-        nl.apply_events((DATA / "events.bin").read_bytes(), links, fdb)
-    return nl.build_snapshot("", links, nl.stats_from_dump(read("stats")), fdb)
+        nl.apply_events((DATA / "events.bin").read_bytes(), links, fdb, moves)
+    stp: dict = {}
+    stats = nl.stats_from_dump(read("stats"), stp)
+    # Per snapshot the source also dumps the qdiscs and the bridges alone (kind filter: bridges.bin).
+    return nl.build_snapshot("", links, stats, fdb, stp=stp, qdiscs=nl.qdiscs_from_dump(read("qdisc")),
+                             bridges_now=nl.links_from_dump(read("bridges")), moves=moves)
 
 
 @pytest.fixture
@@ -42,8 +47,9 @@ def test_multipart_dumps_give_the_recorded_snapshot(kernel, src):
     assert src.snapshot() == expected()
     # One link dump and one FDB dump (the first resync), then only counters.
     assert src.snapshot() == expected()
-    assert kernel.requests.count((rtnl.RTM_GETLINK, 0)) == 1
+    assert kernel.requests.count((rtnl.RTM_GETLINK, 0)) == 1 + 2  # the resync's, then one bridges-only per snapshot
     assert kernel.requests.count((rtnl.RTM_GETSTATS, 0)) == 2
+    assert kernel.requests.count((rtnl.RTM_GETQDISC, 0)) == 2
     assert src.resyncs == 1 and src.errors == 0
     assert src.neighbours() == nl.neighbours_from_dump([(DATA / "neigh.bin").read_bytes()], src._links)
 
@@ -84,7 +90,7 @@ def test_an_interrupted_dump_is_retried(kernel, src, caplog):
     with caplog.at_level(logging.INFO, "kvmnet.netlink"):
         assert src.snapshot() == expected()
     assert src.dumps_interrupted == 1 and src.errors == 0
-    assert kernel.requests.count((rtnl.RTM_GETLINK, 0)) == 2
+    assert kernel.requests.count((rtnl.RTM_GETLINK, 0)) == 2 + 1  # the retried resync, then the bridges-only dump
     assert "event=netlink_dump_interrupted" in caplog.text
 
 

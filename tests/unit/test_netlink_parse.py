@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmnet.exporter.collectors.bridge import _filter, bridge_families
-from kvmnet.exporter.collectors.fdb import fdb_families
+from kvmnet.exporter.collectors.bridge import (_filter, _Prefixes, bridge_families, bridge_stp_families,
+                                               mac_conflict_family)
+from kvmnet.exporter.collectors.fdb import fdb_families, fdb_internal_families
 from kvmnet.exporter.exposition import render
 from kvmnet.exporter.sources import netlink as nl
 
@@ -42,10 +43,13 @@ def by_name(links):
     return {l.name: l for l in links.values()}
 
 
-def snapshot(links=None, fdb=True) -> nl.BridgeSnapshot:
+def snapshot(links=None, fdb=True, moves=None) -> nl.BridgeSnapshot:
     links = links if links is not None else nl.links_from_dump(chunks("links"))
     table = nl.fdb_from_dump(chunks("fdb")) if fdb else None
-    return nl.build_snapshot("lab", links, nl.stats_from_dump(chunks("stats")), table)
+    stp = {}
+    stats = nl.stats_from_dump(chunks("stats"), stp)
+    return nl.build_snapshot("lab", links, stats, table, stp=stp, qdiscs=nl.qdiscs_from_dump(chunks("qdisc")),
+                             bridges_now=nl.links_from_dump(chunks("bridges")), moves=moves if moves is not None else {})
 
 
 def test_links(by_name):
@@ -68,6 +72,70 @@ def test_stats(by_name):
     assert st[by_name["vm0"].index] == nl.Counters(rx_packets=3, tx_packets=0, rx_bytes=300, tx_bytes=0)
     br0 = st[by_name["br0"].index]
     assert (br0.rx_packets, br0.rx_dropped) == (3, 3)  # delivered up to br0's own stack, no protocol for them
+
+
+def test_bridge_info_limit_and_root(by_name):
+    now = nl.links_from_dump(chunks("bridges"))
+    assert sorted(l.name for l in now.values()) == ["br0", "br1"]  # the kind filter: bridges only
+    br0 = now[by_name["br0"].index].br
+    assert br0.fdb_max_learned == 64 and br0.fdb_n_learned == 1  # vm0's frames' source MAC
+    assert br0.bridge_id == "8000.024200000001" and br0.root_id == br0.bridge_id and br0.root_port == 0
+    assert by_name["br1"].br.fdb_max_learned == 0  # the kernel's default: no limit
+
+
+def test_stp_xstats_and_txqlen(by_name):
+    stp = {}
+    nl.stats_from_dump(chunks("stats"), stp)
+    ports = {n for n, l in by_name.items() if l.master}
+    assert {n for n, l in by_name.items() if l.index in stp} == ports  # bridge ports only
+    ve0 = stp[by_name["ve0"].index]
+    assert ve0.transition_blk >= 1 and ve0.transition_fwd == 0 and ve0.rx_bpdu == 0  # STP starts a port blocking;
+    # recorded while still listening; alone on br1, nothing received
+    assert by_name["vm0"].txqlen == 1000 and by_name["ve0"].txqlen == 1000
+
+
+def test_root_qdiscs(by_name):
+    q = nl.qdiscs_from_dump(chunks("qdisc"))
+    assert q[by_name["ve0"].index].kind == "tbf"
+    assert q[by_name["vm0"].index].kind in ("pfifo_fast", "fq_codel")  # net.core.default_qdisc
+    assert by_name["vm1"].index in q  # admin up without carrier: it has its default qdisc
+
+
+def test_qdisc_cache_gives_the_same_and_follows_changes(by_name):
+    data = chunks("qdisc")
+    cache = {}
+    first = nl.qdiscs_from_dump(data, cache)
+    assert first == nl.qdiscs_from_dump(data) and nl.qdiscs_from_dump(data, cache) == first
+    ve0 = by_name["ve0"].index
+    old = cache[ve0][1]
+    cache[ve0] = (b"stale", nl.Qdisc("bogus"))  # a changed message is decoded again
+    assert nl.qdiscs_from_dump(data, cache)[ve0] == old
+    del cache[ve0]
+    assert nl.qdiscs_from_dump([b""], cache) == {} and cache == {}  # devices gone: dropped from the cache
+
+
+def test_fdb_move_events_count_onto_the_new_port(by_name):
+    links = nl.links_from_dump(chunks("links"))
+    table = nl.fdb_from_dump(chunks("fdb"))
+    moves = {}
+    moved = []
+    nl.apply_events((DATA / "events.bin").read_bytes(), links, table, moves, moved)
+    vm9 = next(l.index for l in links.values() if l.name == "vm9")
+    assert moves == {vm9: 1}
+    vm8 = next(l.index for l in links.values() if l.name == "vm8")
+    assert [(k[1], a, b) for k, a, b in moved] == [("0a:00:00:00:00:77", vm8, vm9)]
+    snap = nl.build_snapshot("lab", links, {i: nl.Counters() for i in links}, table, moves=moves)
+    assert {p.name: p.fdb_moves for p in snap.bridges[0].ports}["vm9"] == 1
+
+
+def test_moves_across_a_resync_count_once():
+    # After an event overflow the tables are dumped again: an entry on another port counts one move.
+    old = {(1, "0a:00:00:00:00:05", 0): (2, nl.LEARNED), (1, "0a:00:00:00:00:06", 0): (2, nl.STATIC),
+           (1, "0a:00:00:00:00:07", 0): (3, nl.LEARNED)}
+    new = {(1, "0a:00:00:00:00:05", 0): (3, nl.LEARNED), (1, "0a:00:00:00:00:06", 0): (3, nl.STATIC),
+           (1, "0a:00:00:00:00:07", 0): (3, nl.LEARNED)}
+    moves = {3: 2}
+    assert nl.count_moves(old, new, moves) == 1 and moves == {3: 3}
 
 
 def test_fdb(by_name):
@@ -96,7 +164,8 @@ def test_events_move_the_tables(by_name):
     snap = nl.build_snapshot("lab", links, {i: nl.Counters() for i in links}, table)
     br0 = {p.name: p for p in snap.bridges[0].ports}
     assert "vm1" not in br0 and "vm9" in br0
-    assert br0["vm9"].fdb == nl.FdbCounts(local=1, static=1, learned=0)
+    assert br0["vm9"].fdb == nl.FdbCounts(local=1, static=1, learned=1)  # the MAC that moved from vm8
+    assert br0["vm8"].fdb == nl.FdbCounts(local=1, static=0, learned=0)
     assert not br0["vm0"].up  # its fd was closed before the events were recorded
     assert not [k for k, (ifindex, _t) in table.items() if ifindex == by_name["vm1"].index]
 
@@ -135,9 +204,19 @@ def test_truncated_and_garbage_buffers_raise_only_malformed():
 
 
 def _render_golden() -> bytes:
-    guests = {"vm0": SimpleNamespace(name="vm-zero", mac="0a:00:00:00:00:05")}
-    snap = snapshot()
-    return render(bridge_families(snap, guests) + fdb_families(snap))
+    # vm0 and vm1 claim the same MAC: a cloned guest, flagged by kvmnet_guest_mac_conflict.
+    guests = {"vm0": SimpleNamespace(name="vm-zero", mac="0a:00:00:00:00:05"),
+              "vm1": SimpleNamespace(name="vm-one", mac="0A:00:00:00:00:05")}
+    links = nl.links_from_dump(chunks("links"))
+    snap = snapshot(links, moves={links_by_name(links)["vm1"]: 3})
+    every = lambda _n: True  # noqa: E731
+    return render(bridge_families(snap, guests) + fdb_families(snap)
+                  + bridge_stp_families(snap) + [mac_conflict_family(snap, guests)]
+                  + fdb_internal_families(snap, every, _Prefixes()))
+
+
+def links_by_name(links) -> dict[str, int]:
+    return {l.name: l.index for l in links.values()}
 
 
 def test_golden_exposition():
@@ -158,6 +237,10 @@ def test_golden_parses_and_passes_promtool():
     assert samples[("kvmnet_port_receive_bytes_total", tuple(sorted(vm0.items())))] == 300
     info = [k for k in samples if k[0] == "kvmnet_port_info" and ("device", "vm0") in k[1]]
     assert ("guest", "vm-zero") in info[0][1] and ("kind", "tap") in info[0][1]
+    assert samples[("kvmnet_bridge_fdb_learned_limit", (("bridge", "br0"), ("netns", "lab")))] == 64
+    assert samples[("kvmnet_port_fdb_moves_total", tuple(sorted(dict(odd, device="vm1").items())))] == 3
+    assert samples[("kvmnet_guest_mac_conflict", tuple(sorted(dict(vm0, guest="vm-zero", mac="0a:00:00:00:00:05")
+                                                               .items())))] == 2
     res = subprocess.run(["promtool", "check", "metrics"], input=GOLDEN.read_bytes(), capture_output=True)
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res
 

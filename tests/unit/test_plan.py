@@ -98,6 +98,16 @@ def test_stp_change_sets_bridge_options_in_kernel_units():
     assert acts[0].args["stp"]["enabled"] is True and acts[0].args["stp"]["forward_delay"] == 4
 
 
+def test_fdb_learning_limit_is_set_once():
+    l = lab(bridges=[{"name": "br0", "address": "192.168.98.100/24", "ports": ["eth1"], "fdb_max_learned": 64}])
+    acts = plan(l, done())
+    assert ops(acts) == [("bridge_set", "br0")] and acts[0].args["fdb_max_learned"] == 64
+    obs = done()
+    obs.links["p-host"]["br0"].bridge["fdb_max_learned"] = 64
+    assert plan(l, obs) == []
+    assert plan(lab(), obs) == []  # unset in the lab: the kernel's value is left alone
+
+
 def test_default_route_uplink_refused_unless_forced():
     up = {"name": "eth1", "address": "192.168.98.100/24", "gateway": "192.168.98.1", "lan": {"addresses": []}}
     with pytest.raises(Refused, match="eth1 carries the default route.*--force"):

@@ -99,6 +99,8 @@ def test_host_mode_has_no_namespace():
     ({"guests__0__memory": "lots"}, "guests[0].memory: not a memory size"),
     ({"bridges__0__stp": {"enabled": True, "forward_delay": 99}}, "bridges[0].stp.forward_delay:"),
     ({"bridges__0__ports": ["eth9"]}, "bridges[0].ports[0]: no such device in the lab"),
+    ({"bridges__0__fdb_max_learned": -1}, "bridges[0].fdb_max_learned:"),
+    ({"bridges__0__fdb_max_learned": 1 << 21}, "bridges[0].fdb_max_learned:"),
     ({"namespaces": None}, "namespaces: required in netns mode"),
     ({"uplink": {"name": "eth1"}}, "uplink.lan: required in netns mode"),
     ({"namespaces": {"host": "t-host"}}, "namespaces.lan: required when uplink.lan is given"),
