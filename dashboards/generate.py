@@ -446,7 +446,8 @@ def bridge() -> dict:
         target(f"kvmnet_bridge_fdb_learned_entries{{{BR}}}", "{{bridge}} learned"),
         target(f"kvmnet_bridge_fdb_learned_limit{{{BR}}} > 0", "{{bridge}} limit (fdb_max_learned)")), "short",
         "Learned entries as the kernel counts them, and the bridge's fdb_max_learned where one is set (kernel "
-        "6.8+). At the limit new MACs are silently not learned and their traffic floods (KvmnetBridgeFdbLimitReached)."),
+        "6.8+). At the limit new MACs are silently not learned and their traffic floods "
+        "(KvmnetBridgeFdbLimitReached)."),
         8, 8)
     L.add(timeseries("MAC moves onto each port", [target(
         f"increase(kvmnet_port_fdb_moves_total{{{DEV}}}[$__rate_interval])", "{{device}}")], "short",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from ..exposition import MetricFamily, labels, with_label
 from ..sources.netlink import FDB_TYPES, BridgeSnapshot, NetlinkSource
-from .bridge import _Prefixes, _filter
+from .bridge import _filter, _Prefixes
 
 
 def fdb_families(snap: BridgeSnapshot, keep: Callable[[str], bool] = lambda _n: True,

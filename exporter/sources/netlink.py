@@ -66,11 +66,20 @@ from typing import Any, NamedTuple
 from kvmnet.common import netns as _netns
 from kvmnet.common import rtnl
 from kvmnet.common.netns import NetnsGone
-from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-exported for this module's users
+from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-exported for this module's users  # bridge internals: STP root and learning limit, xstats, qdiscs
+    BRIDGE_XSTATS_STP,
     IFF_LOWER_UP,
     IFF_UP,
     IFLA_ADDRESS,
+    IFLA_BR_BRIDGE_ID,
+    IFLA_BR_FDB_MAX_LEARNED,
+    IFLA_BR_FDB_N_LEARNED,
+    IFLA_BR_ROOT_ID,
+    IFLA_BR_ROOT_PATH_COST,
+    IFLA_BR_ROOT_PORT,
     IFLA_BR_STP_STATE,
+    IFLA_BR_TOPOLOGY_CHANGE,
+    IFLA_BR_TOPOLOGY_CHANGE_DETECTED,
     IFLA_BRPORT_STATE,
     IFLA_CARRIER_CHANGES,
     IFLA_EXT_MASK,
@@ -84,7 +93,10 @@ from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-expor
     IFLA_MASTER,
     IFLA_PROTINFO,
     IFLA_STATS_LINK_64,
+    IFLA_STATS_LINK_XSTATS_SLAVE,
     IFLA_TUN_TYPE,
+    IFLA_TXQLEN,
+    LINK_XSTATS_TYPE_BRIDGE,
     NDA_DST,
     NDA_LLADDR,
     NDA_MASTER,
@@ -107,22 +119,25 @@ from kvmnet.common.rtnl import (  # noqa: F401 - the codec's constants, re-expor
     RTM_DELNEIGH,
     RTM_GETLINK,
     RTM_GETNEIGH,
+    RTM_GETQDISC,
     RTM_GETSTATS,
     RTM_NEWLINK,
     RTM_NEWNEIGH,
+    RTM_NEWQDISC,
     RTM_NEWSTATS,
     RTNLGRP_LINK,
     RTNLGRP_NEIGH,
     SOL_NETLINK,
+    TC_H_ROOT,
+    TCA_KIND,
+    TCA_STATS2,
+    TCA_STATS_BASIC,
+    TCA_STATS_PKT64,
+    TCA_STATS_QUEUE,
     error_code,
     iter_messages,
 )
 from kvmnet.common.rtnl import attr_spans as _attrs
-from kvmnet.common.rtnl import (  # bridge internals: STP root and learning limit, xstats, qdiscs
-    BRIDGE_XSTATS_STP, IFLA_BR_BRIDGE_ID, IFLA_BR_FDB_MAX_LEARNED, IFLA_BR_FDB_N_LEARNED, IFLA_BR_ROOT_ID,
-    IFLA_BR_ROOT_PATH_COST, IFLA_BR_ROOT_PORT, IFLA_BR_TOPOLOGY_CHANGE, IFLA_BR_TOPOLOGY_CHANGE_DETECTED,
-    IFLA_STATS_LINK_XSTATS_SLAVE, IFLA_TXQLEN, LINK_XSTATS_TYPE_BRIDGE, RTM_GETQDISC, RTM_NEWQDISC, TC_H_ROOT,
-    TCA_KIND, TCA_STATS2, TCA_STATS_BASIC, TCA_STATS_PKT64, TCA_STATS_QUEUE)
 
 __all__ = ["NetlinkSource", "BridgeSnapshot", "Bridge", "BridgeInfo", "Port", "Counters", "FdbCounts", "Link",
            "Neighbour", "StpCounters", "Qdisc", "NetnsGone", "STP_STATES", "NetlinkProtocolError", "open_netlink"]
@@ -413,10 +428,10 @@ def parse_stats(data: bytes, off: int, end: int) -> tuple[int, Counters, StpCoun
     if a is None or a[1] - a[0] < 64:
         return None
     stp = None
-    if (x := at.get(IFLA_STATS_LINK_XSTATS_SLAVE)) is not None:
-        if (b := _attrs(data, x[0], x[1]).get(LINK_XSTATS_TYPE_BRIDGE)) is not None:
-            if (s := _attrs(data, b[0], b[1]).get(BRIDGE_XSTATS_STP)) is not None and s[1] - s[0] >= 48:
-                stp = StpCounters._make(_STP6.unpack_from(data, s[0]))
+    if ((x := at.get(IFLA_STATS_LINK_XSTATS_SLAVE)) is not None
+            and (b := _attrs(data, x[0], x[1]).get(LINK_XSTATS_TYPE_BRIDGE)) is not None
+            and (s := _attrs(data, b[0], b[1]).get(BRIDGE_XSTATS_STP)) is not None and s[1] - s[0] >= 48):
+        stp = StpCounters._make(_STP6.unpack_from(data, s[0]))
     return index, Counters._make(_STATS8.unpack_from(data, a[0])), stp
 
 
@@ -622,8 +637,12 @@ def neighbours_from_dump(chunks: list[bytes], links: dict[int, Link]) -> list[Ne
     return out
 
 
+# A learned entry that changed port: ((bridge, mac, vlan), from ifindex, to ifindex).
+Move = tuple[tuple[int, str, int], int, int]
+
+
 def apply_events(chunk: bytes, links: dict[int, Link], fdb: dict[tuple[int, str, int], tuple[int, int]] | None,
-                 moves: dict[int, int] | None = None, moved: list | None = None) -> bool:
+                 moves: dict[int, int] | None = None, moved: list[Move] | None = None) -> bool:
     """Apply one receive buffer of RTNLGRP_LINK / RTNLGRP_NEIGH notifications to the tables, in place.
     `fdb` maps (bridge, mac, vlan) -> (ifindex, type); None when the FDB is not tracked. True if it held a link
     notification (a device added, removed or changed). `moves` counts, per ifindex, learned entries that moved
@@ -986,9 +1005,8 @@ class NetlinkSource:
                 return ok  # the peer of a test's socketpair closed
             if not apply:
                 continue
-            moved = None
+            moved: list[Move] = []
             try:
-                moved = []
                 if apply_events(chunk, links, fdb, self._moves, moved):
                     self.link_generation += 1
             except (Malformed, struct.error, IndexError, ValueError) as exc:
@@ -1000,7 +1018,7 @@ class NetlinkSource:
             if moved:
                 self._log_moves(moved)
 
-    def _log_moves(self, moved: list) -> None:
+    def _log_moves(self, moved: list[Move]) -> None:
         """One line per moving (bridge, MAC, VLAN) per 10 s: the alert names the ports, this names the MAC."""
         now = time.monotonic()
         logged = self._move_logged
@@ -1010,9 +1028,12 @@ class NetlinkSource:
             if now - logged.get(key, -1e9) < 10:
                 continue
             logged[key] = now
-            name = lambda i: (l.name if (l := self._links.get(i)) is not None else str(i))  # noqa: E731
             log.info("event=fdb_move netns=%s bridge=%s mac=%s vlan=%d from=%s to=%s", self.netns or '""',
-                     name(key[0]), key[1], key[2], name(old), name(new))
+                     self._link_name(key[0]), key[1], key[2], self._link_name(old), self._link_name(new))
+
+    def _link_name(self, index: int) -> str:
+        link = self._links.get(index)
+        return link.name if link is not None else str(index)
 
     def _decode(self, fn: Callable[[list[bytes]], Any], chunks: list[bytes]) -> Any:
         try:

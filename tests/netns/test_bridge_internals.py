@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from kvmnet.common import netns as kvm_netns
 from kvmnet.exporter.collectors.bridge import BridgeCollector
 from kvmnet.exporter.collectors.fdb import FdbCollector
-from kvmnet.common import netns as kvm_netns
 from kvmnet.exporter.sources.netlink import NetlinkSource
 from tests import witness
 from tests.netns.setup_labs import Labs, cli

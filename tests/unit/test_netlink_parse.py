@@ -17,8 +17,13 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmnet.exporter.collectors.bridge import (_filter, _Prefixes, bridge_families, bridge_stp_families,
-                                               mac_conflict_family)
+from kvmnet.exporter.collectors.bridge import (
+    _filter,
+    _Prefixes,
+    bridge_families,
+    bridge_stp_families,
+    mac_conflict_family,
+)
 from kvmnet.exporter.collectors.fdb import fdb_families, fdb_internal_families
 from kvmnet.exporter.exposition import render
 from kvmnet.exporter.sources import netlink as nl
