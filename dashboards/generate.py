@@ -524,15 +524,18 @@ def guest() -> dict:
     L = Layout()
     # The guest's port: kvmnet_port_info carries the guest's name (QEMU, libvirt or lab file), in the bridge's
     # namespace; a port counter joined with it keeps only this guest's tap.
-    PORT = f'* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info{{{GUEST1},kind=~"tap|tun|macvtap"}}'  # noqa: E501
+    # Its NICs: the tap (or a light guest's veth, or a macvtap), not Proxmox's firewall veths fwlnNiM/fwprNpM,
+    # which carry the guest's name but every guest's frames.
+    NIC = f'{GUEST1},device!~"fw(ln|pr)[0-9]+[ip][0-9]+"'
+    PORT = f"* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info{{{NIC}}}"
 
     def gview(direction: str, unit: str) -> str:
         """The guest's `direction` (receive/transmit) of its NICs, from the host's counters: a tap's transmit is
-        its guest's receive; a macvtap's receive is. Fw ports (veths) carry the guest label but are not its NIC."""
+        its guest's receive (a light guest's veth too); a macvtap's receive is."""
         other = "transmit" if direction == "receive" else "receive"
         join = "* on (instance, netns, bridge, device) group_left (guest) kvmnet_port_info"
-        return (f'(rate(kvmnet_port_{other}_{unit}_total[$__rate_interval]) {join}{{{GUEST1},kind=~"tap|tun"}}'
-                f' or rate(kvmnet_port_{direction}_{unit}_total[$__rate_interval]) {join}{{{GUEST1},kind="macvtap"}})')
+        return (f'(rate(kvmnet_port_{other}_{unit}_total[$__rate_interval]) {join}{{{NIC},kind!="macvtap"}}'
+                f' or rate(kvmnet_port_{direction}_{unit}_total[$__rate_interval]) {join}{{{NIC},kind="macvtap"}})')
     L.add(stat("Answers ping", [target(f"kvmnet_guest_up{{{GUEST1}}}", "{{netns}}", instant=True)], "none",
                "The prober's verdict now.", mappings=UPDOWN, colour_mode="background"), 4, 4)
     L.add(stat("Loss (5m)", [target(f"kvmnet:guest_ping_loss:ratio_rate5m{{{GUEST1}}}", "{{netns}}",
