@@ -581,10 +581,13 @@ def guest() -> dict:
                          "1 while the guest answers; 0 after down_after consecutive losses."), 24, 4)
     run_expr = " or ".join(f'(kvmnet_guest_state{{{GUEST1},state="{s}"}} == 1) * {i}'
                            for i, s in enumerate(RUN_STATES))
-    L.add(state_timeline("Run state", [target(f"max by (instance, netns, guest) ({run_expr})", "{{guest}}")],
+    # "unknown" (7) where nothing tells the state (no libvirt, no QMP): a probed guest without kvmnet_guest_state.
+    unknown = f"max by (instance, netns, guest) (kvmnet_guest_up{{{GUEST1}}}) * 0 + {RUN_STATES.index('unknown')}"
+    L.add(state_timeline("Run state", [target(f"max by (instance, netns, guest) ({run_expr}) or {unknown}",
+                                              "{{guest}}")],
                          "none", RUN,
                          "libvirt's or QMP's run state: a paused or shut-off guest answers no ping on purpose "
-                         "(its alerts are held back). Empty when nothing tells the state (no libvirt, no QMP)."),
+                         "(its alerts are held back). Unknown when nothing tells the state (no libvirt, no QMP)."),
           24, 4)
     L.row("Its tap or macvtap, in the guest's view (guest receive = tap transmit = macvtap receive)")
     L.add(timeseries("Guest traffic (guest's view)", refs(
