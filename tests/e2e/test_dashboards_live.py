@@ -639,6 +639,17 @@ def test_each_fault_raises_its_own_alert(live):
     how = lab.mac_conflict(); faults["vmq-mac"] = faults["vmc-mac"] = (how, time.time())
     how = lab.shape(); faults["vmq"] = (how, time.time())
 
+    def explained(lbl: dict) -> bool:
+        """Consequences of a fault that may or may not fire, so they are allowed, not expected: the deleted
+        namespace's collectors fail; the STP loop and the root change re-converge stpa/stpb/stpc, and until a port
+        blocks, frames circle and their source MACs move between the loop's ports (what KvmnetFdbMacFlapping is
+        for)."""
+        if lbl["alertname"] == "KvmnetCollectorFailing":
+            return lbl.get("netns") == lab.extra
+        if lbl["alertname"] == "KvmnetFdbMacFlapping":
+            return lbl.get("netns") == lab.host and lbl.get("bridge") in ("stpa", "stpb", "stpc")
+        return False
+
     fired: dict[str, float] = {}
     unexpected: dict[tuple, dict] = {}
     deadline = t0 + max(m for _, _, m in EXPECTED.values()) + 5
@@ -651,7 +662,7 @@ def test_each_fault_raises_its_own_alert(live):
             for k in mine:
                 if a["state"] == "firing" and k not in fired:
                     fired[k] = now - faults[k][1]
-            if not mine and a["state"] == "firing" and not (lbl["alertname"] == "KvmnetCollectorFailing" and lbl.get("netns") == lab.extra):
+            if not mine and a["state"] == "firing" and not explained(lbl):
                 unexpected.setdefault(tuple(sorted(lbl.items())), a)
         time.sleep(0.5)
 
