@@ -23,7 +23,7 @@ from typing import Any
 from kvmnet.common import lab as spec
 from kvmnet.common import netns as nsmod
 
-from . import logs
+from . import logs, tasks
 from .collectors import bridge as bridge_collector
 from .collectors import fdb as fdb_collector
 from .collectors import identity as identity_collector
@@ -272,12 +272,7 @@ class Service:
 
     async def stop(self) -> None:
         task, self._watch_task = self._watch_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await tasks.cancel(task)
         if self.prober is not None and hasattr(self.prober, "stop"):
             await self.prober.stop()
         self.icmp.close_all()

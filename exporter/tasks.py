@@ -50,3 +50,14 @@ async def supervise(name: str, run: Callable[[], Awaitable[None]], backoff_min: 
 def start(name: str, run: Callable[[], Awaitable[None]], **kw: float) -> asyncio.Task[None]:
     """Run `run()` supervised in a task named `kvmnet-NAME`."""
     return asyncio.create_task(supervise(name, run, **kw), name=f"kvmnet-{name}")
+
+
+async def cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel a task and wait until it has ended (None: nothing to do)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

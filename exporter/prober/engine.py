@@ -144,12 +144,7 @@ class Prober:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await tasks.cancel(task)
         if self._own_sockets:
             self._sockets.close_all()  # a lent pool is closed by its owner, the service
 
@@ -464,12 +459,7 @@ class GuestProber:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await tasks.cancel(task)
         await self.prober.stop()
 
     def _links_changed(self) -> bool:
